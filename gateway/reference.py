@@ -1,0 +1,109 @@
+"""The model reference file: which models exist and how to serve them.
+
+Compatible with the old system's file (`{"org/model": {"gpus_per_replica": 2, "priority": 0}}`),
+plus optional fields. Validated at startup; a bad file stops startup with an error naming the
+file, the model and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+# What a model id may look like: `name` or `org/name`, no spaces, no `..`, no shell characters.
+MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
+
+
+def valid_model_id(model_id: str) -> bool:
+    return bool(MODEL_ID_PATTERN.match(model_id)) and ".." not in model_id
+
+
+def _split_args(value: object) -> object:
+    return shlex.split(value) if isinstance(value, str) else value
+
+
+class ModelSpec(BaseModel):
+    """One model of the reference file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    gpus_per_replica: int = Field(1, ge=1, le=64)
+    priority: int = Field(0, ge=0, le=100)
+    keep_hot_seconds: float | None = Field(None, ge=0)
+    accelerators: tuple[str, ...] | None = None
+    engine_args: Annotated[tuple[str, ...], BeforeValidator(_split_args)] = ()
+    kind: Literal["chat", "completion", "embedding"] = "chat"
+    path: str | None = None
+    max_model_len: int | None = Field(None, ge=1)
+    endpoint: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not valid_model_id(v):
+            raise ValueError("model id must be `name` or `org/name` of letters, digits, `.`, `_`, `-`")
+        return v
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("endpoint must be an http(s) URL")
+        v = v.rstrip("/")
+        return v[: -len("/v1")] if v.endswith("/v1") else v
+
+    @property
+    def external(self) -> bool:
+        """Served by an always-on server elsewhere: never launched or stopped by the gateway."""
+        return self.endpoint is not None
+
+    def engine_argv(self) -> tuple[str, ...]:
+        args = self.engine_args
+        if self.max_model_len is not None and "--max-model-len" not in args:
+            args = (*args, "--max-model-len", str(self.max_model_len))
+        return args
+
+
+class ReferenceError(ValueError):
+    """The reference file cannot be used; the message names the file, model and field."""
+
+
+def parse_reference(data: object, *, source: str, base_dir: Path | None = None) -> dict[str, ModelSpec]:
+    if not isinstance(data, dict):
+        raise ReferenceError(f"{source}: expected a JSON object mapping model ids to settings")
+    specs: dict[str, ModelSpec] = {}
+    for model_id, entry in data.items():
+        if entry is None:
+            entry = {}
+        if not isinstance(entry, dict):
+            raise ReferenceError(f"{source}: model {model_id!r}: expected an object, got {type(entry).__name__}")
+        try:
+            spec = ModelSpec.model_validate({**entry, "id": model_id})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(entry)"
+            raise ReferenceError(f"{source}: model {model_id!r}: field {where!r}: {first['msg']}") from exc
+        if spec.path and base_dir is not None and not Path(spec.path).is_absolute():
+            spec = spec.model_copy(update={"path": str((base_dir / spec.path).resolve())})
+        specs[model_id] = spec
+    return specs
+
+
+def load_reference(path: Path) -> dict[str, ModelSpec]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ReferenceError(f"{path}: cannot read the model reference file: {exc.strerror}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ReferenceError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    return parse_reference(data, source=str(path), base_dir=path.resolve().parent)

@@ -1,0 +1,131 @@
+"""Settings: defaults < YAML config file < environment (`LLMGW_`, nested keys joined by `__`).
+
+Built lazily by `load_settings()`, never at import time.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path("data")
+
+# vLLM's OpenAI server; placeholders are filled per engine (see tasks.local.render_command).
+DEFAULT_ENGINE_COMMAND = (
+    ".venv-engine/bin/vllm serve {model} --served-model-name {served_name} "
+    "--host {host} --port {port} --tensor-parallel-size {gpus} {engine_args}"
+)
+
+
+def detect_gpu_ids() -> list[str]:
+    """GPU indices from nvidia-smi; on a machine without GPUs, one CPU slot (engines run on CPU)."""
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout
+            ids = [line.strip() for line in out.splitlines() if line.strip()]
+            if ids:
+                return ids
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return ["cpu0"]
+
+
+class LocalSettings(BaseModel):
+    engine_command: str = Field(
+        DEFAULT_ENGINE_COMMAND,
+        description="Engine command template. Placeholders: {model} (local path or model id), "
+        "{served_name}, {host}, {port}, {gpus}, {max_model_len}; the word {engine_args} expands "
+        "to the model's engine_args.",
+    )
+    gpu_ids: list[str] | None = Field(
+        None, description="GPU ids handed out as CUDA_VISIBLE_DEVICES; default: detected GPUs, else one CPU slot."
+    )
+    stop_grace_seconds: float = Field(10.0, gt=0, description="SIGTERM, then SIGKILL after this long.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for engines.")
+
+    def resolved_gpu_ids(self) -> list[str]:
+        return self.gpu_ids if self.gpu_ids is not None else detect_gpu_ids()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LLMGW_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    data_dir: Path = DEFAULT_DATA_DIR
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir.")
+    model_reference: Path = Path("model_reference.json")
+    provider: Literal["local", "skypilot"] = "local"
+    admin_token: SecretStr | None = None
+    keep_hot_seconds: float = Field(600.0, ge=0)
+    cold_start_timeout_seconds: float = Field(900.0, gt=0)
+    max_waiting_requests: int = Field(512, ge=0, description="Requests waiting for a cold model, per model.")
+    allow_unlisted_models: bool = False
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    upstream_timeout_seconds: float = Field(600.0, gt=0, description="Engine read timeout.")
+    reaper_interval_seconds: float = Field(2.0, gt=0)
+    loading_comment_seconds: float = Field(
+        2.0, gt=0, description="Interval of `: loading` SSE comments sent to waiting streams."
+    )
+    usage_flush_seconds: float = Field(1.0, gt=0)
+    log_level: str = "INFO"
+    local: LocalSettings = Field(default_factory=LocalSettings)
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, v: str) -> str:
+        return v.upper()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'gateway.db'}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over the YAML file, which is passed as init kwargs.
+        return env_settings, init_settings
+
+
+class ConfigFileError(ValueError):
+    pass
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigFileError(f"{path}: cannot read: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigFileError(f"{path}: invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """File < environment < `overrides` (command-line flags, already validated by their types)."""
+    settings = Settings(**(read_config_file(config_file) if config_file else {}))
+    return settings.model_copy(update=overrides) if overrides else settings

@@ -1,0 +1,17 @@
+"""Persistent state: SQLModel tables and the store. Imports nothing from `gateway` or `tasks`."""
+
+from state.machine import ALLOWED, TERMINAL, DeploymentState, InvalidTransition
+from state.store import Store
+from state.tables import Deployment, Event, ModelRecord, Usage
+
+__all__ = [
+    "ALLOWED",
+    "TERMINAL",
+    "Deployment",
+    "DeploymentState",
+    "Event",
+    "InvalidTransition",
+    "ModelRecord",
+    "Store",
+    "Usage",
+]

@@ -1,0 +1,197 @@
+"""The store: every read and write of persistent state goes through here.
+
+SQLite by default (WAL mode, so readers never block the writer); any SQLAlchemy URL works.
+Deployment state changes are compare-and-swap: `UPDATE ... WHERE id = :id AND state = :expected`,
+so two writers can never both move a deployment out of the same state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, event, func, update
+from sqlalchemy.engine.url import make_url
+from sqlmodel import Session, SQLModel, col, create_engine, select
+
+from state.machine import TERMINAL, TIMESTAMP_COLUMN, DeploymentState, check_transition
+from state.tables import Deployment, Event, ModelRecord, Usage, utcnow
+
+# How long a SQLite connection waits for a lock held by another writer before failing.
+SQLITE_BUSY_TIMEOUT_MS = 5000
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False})
+    event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+
+    def create_all(self) -> None:
+        SQLModel.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- models ---------------------------------------------------------------------------
+
+    def upsert_models(self, records: Iterable[ModelRecord]) -> None:
+        with Session(self.engine) as s:
+            for rec in records:
+                row = s.get(ModelRecord, rec.id)
+                if row is None:
+                    s.add(ModelRecord.model_validate(rec.model_dump()))
+                else:
+                    row.gpus_per_replica = rec.gpus_per_replica
+                    row.priority = rec.priority
+                    row.kind = rec.kind
+            s.commit()
+
+    def touch_models(self, last_used: Mapping[str, datetime]) -> None:
+        """Write a batch of last-used times (collected in memory by the gateway)."""
+        if not last_used:
+            return
+        with Session(self.engine) as s:
+            for model_id, at in last_used.items():
+                row = s.get(ModelRecord, model_id)
+                if row is None:
+                    s.add(ModelRecord(id=model_id, last_used_at=at))
+                else:
+                    row.last_used_at = at
+            s.commit()
+
+    def get_model(self, model_id: str) -> ModelRecord | None:
+        with Session(self.engine) as s:
+            return s.get(ModelRecord, model_id)
+
+    # -- deployments ----------------------------------------------------------------------
+
+    def create_deployment(
+        self, *, deployment_id: str, model: str, provider: str, gpus: int, at: datetime | None = None
+    ) -> Deployment:
+        dep = Deployment(
+            id=deployment_id,
+            model=model,
+            provider=provider,
+            gpus=gpus,
+            state=DeploymentState.PENDING.value,
+            pending_at=at or utcnow(),
+        )
+        with Session(self.engine) as s:
+            s.add(dep)
+            s.commit()
+            s.refresh(dep)
+        return dep
+
+    def transition(
+        self,
+        deployment_id: str,
+        *,
+        expected: DeploymentState,
+        new: DeploymentState,
+        at: datetime | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Move a deployment from `expected` to `new`; False if it was not in `expected`.
+
+        Raises InvalidTransition when the state machine does not allow `expected -> new`.
+        Extra keyword arguments are columns written in the same statement (endpoint, error, ...).
+        """
+        check_transition(expected, new)
+        values: dict[str, Any] = {"state": new.value, TIMESTAMP_COLUMN[new]: at or utcnow(), **fields}
+        stmt = (
+            update(Deployment)
+            .where(col(Deployment.id) == deployment_id, col(Deployment.state) == expected.value)
+            .values(**values)
+        )
+        with Session(self.engine) as s:
+            result = s.exec(stmt)
+            s.commit()
+            return bool(result.rowcount == 1)
+
+    def update_deployment(self, deployment_id: str, **fields: Any) -> None:
+        """Write columns that are not the state (handle, cluster, endpoint, last_used_at)."""
+        if "state" in fields:
+            raise ValueError("use transition() to change a deployment's state")
+        with Session(self.engine) as s:
+            s.exec(update(Deployment).where(col(Deployment.id) == deployment_id).values(**fields))
+            s.commit()
+
+    def get_deployment(self, deployment_id: str) -> Deployment | None:
+        with Session(self.engine) as s:
+            return s.get(Deployment, deployment_id)
+
+    def live_deployments(self) -> list[Deployment]:
+        """Deployments not yet stopped or failed: what may still hold an engine."""
+        terminal = [s.value for s in TERMINAL]
+        with Session(self.engine) as s:
+            rows = s.exec(select(Deployment).where(col(Deployment.state).not_in(terminal)))
+            return list(rows)
+
+    def deployments(self, *, model: str | None = None, limit: int = 100) -> list[Deployment]:
+        with Session(self.engine) as s:
+            q = select(Deployment).order_by(col(Deployment.pending_at).desc()).limit(limit)
+            if model is not None:
+                q = q.where(col(Deployment.model) == model)
+            return list(s.exec(q))
+
+    # -- events and usage -----------------------------------------------------------------
+
+    def record_event(
+        self,
+        *,
+        kind: str,
+        model: str | None = None,
+        deployment_id: str | None = None,
+        message: str = "",
+        at: datetime | None = None,
+    ) -> None:
+        with Session(self.engine) as s:
+            s.add(
+                Event(at=at or utcnow(), kind=kind, model=model, deployment_id=deployment_id, message=message)
+            )
+            s.commit()
+
+    def events(self, *, model: str | None = None, kind: str | None = None, limit: int = 1000) -> list[Event]:
+        with Session(self.engine) as s:
+            q = select(Event).order_by(col(Event.id)).limit(limit)
+            if model is not None:
+                q = q.where(col(Event.model) == model)
+            if kind is not None:
+                q = q.where(col(Event.kind) == kind)
+            return list(s.exec(q))
+
+    def add_usage(self, rows: Iterable[Usage]) -> int:
+        batch = list(rows)
+        if batch:
+            with Session(self.engine) as s:
+                s.add_all(batch)
+                s.commit()
+        return len(batch)
+
+    def usage_count(self, *, model: str | None = None) -> int:
+        with Session(self.engine) as s:
+            q = select(func.count()).select_from(Usage)
+            if model is not None:
+                q = q.where(col(Usage.model) == model)
+            return int(s.exec(q).one())
