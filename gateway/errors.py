@@ -65,8 +65,14 @@ def bad_gateway(message: str, *, code: str = "engine_error") -> GatewayError:
     return GatewayError(502, message, type="api_error", code=code)
 
 
-_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -79,11 +85,17 @@ def install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request")
+        message = (
+            f"{param}: {first.get('msg', 'invalid request')}"
+            if param
+            else first.get("msg", "invalid request")
+        )
         return GatewayError(400, message, code="invalid_request", param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = _STATUS_TYPES.get(exc.status_code, "api_error" if exc.status_code >= 500 else "invalid_request_error")
+        kind = _STATUS_TYPES.get(
+            exc.status_code, "api_error" if exc.status_code >= 500 else "invalid_request_error"
+        )
         headers = dict(exc.headers) if exc.headers else None
         return GatewayError(exc.status_code, str(exc.detail), type=kind, headers=headers).response()

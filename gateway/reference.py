@@ -84,7 +84,9 @@ def parse_reference(data: object, *, source: str, base_dir: Path | None = None) 
         if entry is None:
             entry = {}
         if not isinstance(entry, dict):
-            raise ReferenceError(f"{source}: model {model_id!r}: expected an object, got {type(entry).__name__}")
+            raise ReferenceError(
+                f"{source}: model {model_id!r}: expected an object, got {type(entry).__name__}"
+            )
         try:
             spec = ModelSpec.model_validate({**entry, "id": model_id})
         except ValidationError as exc:
@@ -105,5 +107,23 @@ def load_reference(path: Path) -> dict[str, ModelSpec]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ReferenceError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+        raise ReferenceError(
+            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from exc
     return parse_reference(data, source=str(path), base_dir=path.resolve().parent)
+
+
+class Catalog:
+    """The models the gateway serves: the reference file, plus unlisted ids when allowed."""
+
+    def __init__(self, specs: dict[str, ModelSpec], *, allow_unlisted: bool = False) -> None:
+        self.specs = specs
+        self.allow_unlisted = allow_unlisted
+
+    def resolve(self, model_id: str) -> ModelSpec | None:
+        spec = self.specs.get(model_id)
+        if spec is not None:
+            return spec
+        if self.allow_unlisted and valid_model_id(model_id):
+            return ModelSpec(id=model_id)
+        return None

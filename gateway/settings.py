@@ -50,7 +50,8 @@ class LocalSettings(BaseModel):
         "to the model's engine_args.",
     )
     gpu_ids: list[str] | None = Field(
-        None, description="GPU ids handed out as CUDA_VISIBLE_DEVICES; default: detected GPUs, else one CPU slot."
+        None,
+        description="GPU ids handed out as CUDA_VISIBLE_DEVICES; default: detected GPUs, else one CPU slot.",
     )
     stop_grace_seconds: float = Field(10.0, gt=0, description="SIGTERM, then SIGKILL after this long.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for engines.")

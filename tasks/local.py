@@ -8,6 +8,7 @@ that stopping it stops every process it spawned (vLLM starts several).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -168,9 +169,13 @@ class LocalProvider:
                 await self._reap(engine)
                 await asyncio.sleep(STOP_POLL_SECONDS)
             if group_members(pgid):
-                log.warning("engine %s ignored SIGTERM for %.0fs: SIGKILL", ref.name, self.config.stop_grace_seconds)
+                log.warning(
+                    "engine %s ignored SIGTERM for %.0fs: SIGKILL", ref.name, self.config.stop_grace_seconds
+                )
                 signal_group(pgid, signal.SIGKILL)
-                while group_members(pgid):
+                # No event tells when a process group empties (its members are not our children):
+                # poll /proc.
+                while group_members(pgid):  # noqa: ASYNC110
                     await asyncio.sleep(STOP_POLL_SECONDS)
             await self._reap(engine)
         finally:
@@ -183,7 +188,9 @@ class LocalProvider:
             running = proc.returncode is None if proc else is_our_group(*_group_of(engine.ref))
             infos.append(
                 ClusterInfo(
-                    ref=engine.ref, status="running" if running else "exited", model=engine.ref.data.get("model")
+                    ref=engine.ref,
+                    status="running" if running else "exited",
+                    model=engine.ref.data.get("model"),
                 )
             )
         return infos
@@ -206,7 +213,9 @@ class LocalProvider:
             "CUDA_VISIBLE_DEVICES": ",".join(slots),
             **spec.secrets,
         }
-        log.info("starting engine %s for %s on GPUs [%s]: %s", name, spec.model, ",".join(slots), shlex.join(argv))
+        log.info(
+            "starting engine %s for %s on GPUs [%s]: %s", name, spec.model, ",".join(slots), shlex.join(argv)
+        )
         with log_path.open("ab") as log_file:
             try:
                 process = await asyncio.create_subprocess_exec(
@@ -228,7 +237,9 @@ class LocalProvider:
             "gpu_ids": list(slots),
             "log": str(log_path),
         }
-        ref = ClusterRef(provider=self.name, name=name, deployment_id=spec.deployment_id, gpus=len(slots), data=data)
+        ref = ClusterRef(
+            provider=self.name, name=name, deployment_id=spec.deployment_id, gpus=len(slots), data=data
+        )
         self._engines[spec.deployment_id] = _Engine(ref=ref, slots=tuple(slots), process=process)
         return ref
 
@@ -236,10 +247,8 @@ class LocalProvider:
     async def _reap(engine: _Engine | None) -> None:
         proc = engine.process if engine else None
         if proc is not None and proc.returncode is None:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), timeout=STOP_POLL_SECONDS)
-            except TimeoutError:
-                pass
 
 
 def _group_of(ref: ClusterRef) -> tuple[int, int | None]:

@@ -1,0 +1,176 @@
+"""The FastAPI application. `create_app(settings, provider, clock)` wires the parts together;
+nothing is created at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from gateway import __version__
+from gateway.activity import Activity
+from gateway.clock import Clock, system_clock
+from gateway.controller import Controller
+from gateway.errors import install_error_handlers
+from gateway.openai_api import OpenAIGateway, openai_router
+from gateway.proxy import Proxy, new_http_client
+from gateway.reaper import Reaper
+from gateway.reference import Catalog, load_reference
+from gateway.settings import Settings
+from gateway.usage import UsageRecorder
+from state import ModelRecord, Store
+from tasks.local import LocalConfig, LocalProvider
+from tasks.provider import Provider
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Serverless-style LLM serving. Send an OpenAI request for a model; if no engine serves it, the
+gateway starts one (a local vLLM process or a SkyPilot cluster), holds the request until the
+engine is ready, and proxies it. Idle engines are stopped after `keep_hot_seconds`.
+
+Errors are in OpenAI's envelope: `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+
+def build_provider(settings: Settings) -> Provider:
+    if settings.provider == "local":
+        return LocalProvider(
+            LocalConfig(
+                engine_command=settings.local.engine_command,
+                gpu_ids=tuple(settings.local.resolved_gpu_ids()),
+                log_dir=settings.data_dir / "engines",
+                stop_grace_seconds=settings.local.stop_grace_seconds,
+                env=settings.local.env,
+            )
+        )
+    raise NotImplementedError(f"provider {settings.provider!r} is not available in this version")
+
+
+def create_app(
+    settings: Settings,
+    provider: Provider | None = None,
+    clock: Clock = system_clock,
+    http_client: httpx.AsyncClient | None = None,
+) -> FastAPI:
+    catalog = Catalog(load_reference(settings.model_reference), allow_unlisted=settings.allow_unlisted_models)
+    provider = provider or build_provider(settings)
+    store = Store(settings.resolved_database_url)
+    activity = Activity()
+    usage = UsageRecorder(store)
+    controller = Controller(settings=settings, provider=provider, store=store, clock=clock, activity=activity)
+    reaper = Reaper(controller, usage, interval_seconds=settings.reaper_interval_seconds)
+    client = http_client or new_http_client(settings.upstream_timeout_seconds)
+    gateway = OpenAIGateway(
+        settings=settings, catalog=catalog, controller=controller, proxy=Proxy(client, activity, usage, clock)
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store.create_all()
+        store.upsert_models(
+            ModelRecord(id=s.id, gpus_per_replica=s.gpus_per_replica, priority=s.priority, kind=s.kind)
+            for s in catalog.specs.values()
+        )
+        await controller.recover()
+        loop_task = asyncio.create_task(reaper.run(), name="reaper")
+        log.info("gateway ready: %d models, provider %s", len(catalog.specs), provider.name)
+        try:
+            yield
+        finally:
+            loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop_task
+            await controller.shutdown()
+            controller.flush_activity()
+            await usage.flush()
+            if http_client is None:
+                await client.aclose()
+            store.close()
+            log.info("gateway stopped")
+
+    app = FastAPI(
+        title="llm-gateway",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "OpenAI", "description": "OpenAI-compatible API; engines start on demand."},
+            {"name": "Gateway", "description": "Health and model list."},
+        ],
+    )
+    app.state.settings = settings
+    app.state.catalog = catalog
+    app.state.controller = controller
+    app.state.store = store
+    app.state.reaper = reaper
+    app.state.usage = usage
+    install_error_handlers(app)
+
+    app.include_router(openai_router(gateway))
+
+    @app.get(
+        "/health",
+        tags=["Gateway"],
+        summary="Liveness",
+        description="200 while the gateway runs.",
+        responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+    )
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/v1/models",
+        tags=["OpenAI"],
+        summary="List models",
+        description="The models of the reference file with their current state "
+        "(`ready`, `loading`, `stopped`, ... or `external` for models served elsewhere).",
+        responses={
+            200: {
+                "content": {
+                    "application/json": {
+                        "example": {
+                            "object": "list",
+                            "data": [
+                                {
+                                    "id": "tiny-llama",
+                                    "object": "model",
+                                    "created": 0,
+                                    "owned_by": "llm-gateway",
+                                    "state": "stopped",
+                                    "priority": 0,
+                                    "gpus_per_replica": 1,
+                                }
+                            ],
+                        }
+                    }
+                }
+            }
+        },
+    )
+    async def list_models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [_model_entry(s.id, catalog, controller) for s in catalog.specs.values()],
+        }
+
+    return app
+
+
+def _model_entry(model_id: str, catalog: Catalog, controller: Controller) -> dict[str, Any]:
+    spec = catalog.specs[model_id]
+    return {
+        "id": spec.id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "llm-gateway",
+        "state": "external" if spec.external else controller.phase(spec.id),
+        "priority": spec.priority,
+        "gpus_per_replica": spec.gpus_per_replica,
+        "kind": spec.kind,
+    }

@@ -1,0 +1,78 @@
+"""The `llm-gateway` command."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import uvicorn
+
+from gateway.reference import ReferenceError
+from gateway.settings import ConfigFileError, load_settings
+
+# Seconds uvicorn lets open connections finish on SIGTERM before the lifespan shutdown runs
+# (which stops the engines): long enough for a short answer, short enough not to bill GPUs.
+GRACEFUL_SHUTDOWN_SECONDS = 10
+
+app = typer.Typer(
+    help="llm-gateway: an OpenAI-compatible gateway that starts LLM engines on demand.", no_args_is_help=True
+)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: that is per-request noise on the hot path and health polls.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address (overrides settings).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (overrides settings).")] = None,
+) -> None:
+    """Start the gateway (settings: defaults < --config file < LLMGW_* environment < flags)."""
+    from gateway.app import create_app
+
+    overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    try:
+        settings = load_settings(config, **overrides)
+    except (ConfigFileError, ValueError) as exc:
+        typer.echo(f"llm-gateway: invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    setup_logging(settings.log_level)
+    try:
+        application = create_app(settings)
+    except ReferenceError as exc:
+        typer.echo(f"llm-gateway: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    uvicorn.run(
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+
+
+@app.command()
+def check(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")] = None,
+) -> None:
+    """Validate the settings and the model reference file, then exit."""
+    from gateway.reference import load_reference
+
+    try:
+        settings = load_settings(config)
+        specs = load_reference(settings.model_reference)
+    except (ConfigFileError, ReferenceError, ValueError) as exc:
+        typer.echo(f"llm-gateway: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"{settings.model_reference}: {len(specs)} models OK")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,359 @@
+"""The controller: the one writer of deployment state.
+
+`ensure_ready(spec)` brings a model up (single-flight: the first caller starts the launch,
+every other caller awaits the same task), `stop()` takes one down, `recover()` cleans up after
+an earlier gateway process, `shutdown()` stops everything this process started. The routing
+table lives in memory so the request path never queries the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from gateway.activity import Activity
+from gateway.clock import Clock
+from gateway.errors import GatewayError, bad_gateway, unavailable
+from gateway.policies import DeploymentView
+from gateway.reference import ModelSpec
+from gateway.settings import Settings
+from state import DeploymentState, Store
+from tasks.provider import CapacityError, ClusterRef, LaunchSpec, Provider, ProviderError
+
+log = logging.getLogger(__name__)
+S = DeploymentState
+
+# Seconds a client is told to wait before retrying after a 503.
+RETRY_AFTER_QUEUE_FULL = 5
+RETRY_AFTER_CAPACITY = 30
+RETRY_AFTER_COLD_START = 30
+
+
+@dataclass(frozen=True)
+class Route:
+    model: str
+    base_url: str
+    deployment_id: str | None = None  # None for external endpoints
+
+
+@dataclass
+class _Live:
+    """In-memory mirror of one live deployment (the store has the same, durably)."""
+
+    deployment_id: str
+    spec: ModelSpec
+    state: DeploymentState
+    ref: ClusterRef | None = None
+    ready_at: datetime | None = None
+
+
+class Controller:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        provider: Provider,
+        store: Store,
+        clock: Clock,
+        activity: Activity,
+    ) -> None:
+        self.settings = settings
+        self.provider = provider
+        self.store = store
+        self.clock = clock
+        self.activity = activity
+        self.routes: dict[str, Route] = {}
+        self._live: dict[str, _Live] = {}  # by model: at most one live deployment per model
+        self._launches: dict[str, asyncio.Task[Route]] = {}
+        self._stops: dict[str, asyncio.Task[None]] = {}
+        self._waiting: dict[str, int] = {}
+
+    # -- views ------------------------------------------------------------------------------
+
+    def phase(self, model: str) -> str:
+        live = self._live.get(model)
+        return live.state.value if live else S.STOPPED.value
+
+    def waiting(self, model: str) -> int:
+        return self._waiting.get(model, 0)
+
+    def launch_in_progress(self, model: str) -> bool:
+        return model in self._launches
+
+    def views(self) -> list[DeploymentView]:
+        views = []
+        for model, live in self._live.items():
+            last = self.activity.last_used(model)
+            base = live.ready_at or self.clock()
+            views.append(
+                DeploymentView(
+                    deployment_id=live.deployment_id,
+                    model=model,
+                    state=live.state,
+                    priority=live.spec.priority,
+                    keep_hot_seconds=(
+                        live.spec.keep_hot_seconds
+                        if live.spec.keep_hot_seconds is not None
+                        else self.settings.keep_hot_seconds
+                    ),
+                    last_used=max(last, base) if last else base,
+                    in_flight=self.activity.in_flight(model),
+                    gpus=live.spec.gpus_per_replica,
+                )
+            )
+        return views
+
+    # -- bringing models up -----------------------------------------------------------------
+
+    def admit(self, spec: ModelSpec) -> asyncio.Task[Route]:
+        """Join (or start) the launch of `spec` as one more waiter; 503 past the per-model limit.
+
+        Synchronous on purpose: admission is decided before the caller commits to a response.
+        Waiters are counted per launch and all released together when the launch ends, so a
+        waiter that goes away early can never leak a slot."""
+        model = spec.id
+        if self._waiting.get(model, 0) >= self.settings.max_waiting_requests:
+            raise unavailable(
+                f"Too many requests are waiting for {model} to start; retry later.",
+                code="queue_full",
+                retry_after=RETRY_AFTER_QUEUE_FULL,
+            )
+        task = self._launches.get(model)
+        if task is None:
+            task = asyncio.create_task(self._bring_up(spec), name=f"launch {model}")
+            self._launches[model] = task
+            task.add_done_callback(self._launch_done)
+        self._waiting[model] = self._waiting.get(model, 0) + 1
+        return task
+
+    async def ensure_ready(self, spec: ModelSpec) -> Route:
+        route = self.routes.get(spec.id)
+        if route is not None:
+            return route
+        # shield: a waiter that goes away (client disconnect) must not cancel the launch
+        return await asyncio.shield(self.admit(spec))
+
+    def _launch_done(self, task: asyncio.Task[Route]) -> None:
+        model = task.get_name().removeprefix("launch ")
+        if self._launches.get(model) is task:
+            del self._launches[model]
+            self._waiting.pop(model, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here so a launch nobody awaits any more is not reported
+
+    async def _bring_up(self, spec: ModelSpec) -> Route:
+        model = spec.id
+        stopping = self._stops.get(model)
+        if stopping is not None:  # the previous engine must release its GPUs first
+            await asyncio.shield(stopping)
+        dep_id = uuid.uuid4().hex[:12]
+        started = self.clock()
+        self.store.create_deployment(
+            deployment_id=dep_id,
+            model=model,
+            provider=self.provider.name,
+            gpus=spec.gpus_per_replica,
+            at=started,
+        )
+        live = _Live(deployment_id=dep_id, spec=spec, state=S.PENDING)
+        self._live[model] = live
+        self._event("launch", live, f"cold start requested ({spec.gpus_per_replica} GPU)")
+        log.info("deployment %s of %s: created (pending)", dep_id, model)
+        try:
+            async with asyncio.timeout(self.settings.cold_start_timeout_seconds):
+                self._move(live, S.LAUNCHING)
+                live.ref = await self.provider.launch(self._launch_spec(spec, dep_id))
+                self.store.update_deployment(dep_id, cluster=live.ref.name, handle=_ref_json(live.ref))
+                self._move(live, S.LOADING)
+                endpoint = await self.provider.wait_ready(live.ref)
+        except TimeoutError:
+            await self._fail(
+                live, f"not ready after {self.settings.cold_start_timeout_seconds:g}s (cold start timeout)"
+            )
+            raise unavailable(
+                f"{model} did not become ready within {self.settings.cold_start_timeout_seconds:g}s.",
+                code="cold_start_timeout",
+                retry_after=RETRY_AFTER_COLD_START,
+            ) from None
+        except CapacityError as exc:
+            await self._fail(live, f"no capacity: {exc}")
+            raise unavailable(
+                f"No GPU capacity for {model}: {exc}",
+                code="capacity_unavailable",
+                retry_after=RETRY_AFTER_CAPACITY,
+            ) from exc
+        except asyncio.CancelledError:
+            await self._teardown(live, kind="launch-cancelled", reason="gateway shutting down")
+            raise
+        except Exception as exc:  # ProviderError, or anything a provider let through
+            await self._fail(
+                live, str(exc) if isinstance(exc, ProviderError) else f"{type(exc).__name__}: {exc}"
+            )
+            raise bad_gateway(
+                f"The engine for {model} failed to start: {exc}", code="engine_start_failed"
+            ) from exc
+        now = self.clock()
+        live.ready_at = now
+        self._move(live, S.READY, endpoint=endpoint.base_url)
+        self.activity.touch(model, now)
+        route = Route(model=model, base_url=endpoint.base_url, deployment_id=dep_id)
+        self.routes[model] = route
+        self._event(
+            "ready", live, f"ready at {endpoint.base_url} after {(now - started).total_seconds():.1f}s"
+        )
+        return route
+
+    def _launch_spec(self, spec: ModelSpec, deployment_id: str) -> LaunchSpec:
+        return LaunchSpec(
+            deployment_id=deployment_id,
+            model=spec.id,
+            gpus=spec.gpus_per_replica,
+            priority=spec.priority,
+            model_path=spec.path,
+            accelerators=spec.accelerators or (),
+            engine_args=spec.engine_argv(),
+            max_model_len=spec.max_model_len,
+            kind=spec.kind,
+        )
+
+    # -- taking models down -----------------------------------------------------------------
+
+    def stop_soon(
+        self, model: str, *, kind: str, reason: str, force: bool = False
+    ) -> asyncio.Task[None] | None:
+        """Start stopping `model`'s deployment in the background; None if there is nothing to stop
+        or (without `force`) it has requests in flight. The routing entry is removed at once,
+        in the same step as the in-flight check, so no new request is routed to it."""
+        live = self._live.get(model)
+        if live is None or live.state is not S.READY or model in self._stops:
+            return None
+        if self.activity.in_flight(model) > 0 and not force:
+            return None
+        self.routes.pop(model, None)
+        task = asyncio.create_task(self._teardown(live, kind=kind, reason=reason), name=f"stop {model}")
+        self._stops[model] = task
+        task.add_done_callback(
+            lambda t: self._stops.pop(model, None) if self._stops.get(model) is t else None
+        )
+        return task
+
+    async def _teardown(self, live: _Live, *, kind: str, reason: str) -> None:
+        model = live.spec.id
+        self.routes.pop(model, None)
+        self._event(kind, live, reason)
+        if live.state not in (S.STOPPING, S.STOPPED, S.FAILED):
+            self._move(live, S.STOPPING)
+        try:
+            if live.ref is not None:
+                await self.provider.stop(live.ref)
+        except Exception as exc:
+            log.exception("deployment %s of %s: stop failed", live.deployment_id, model)
+            self._move(live, S.FAILED, error=f"stop failed: {exc}")
+            self._event("stop-failed", live, str(exc))
+        else:
+            if live.state is S.STOPPING:
+                self._move(live, S.STOPPED)
+        finally:
+            if self._live.get(model) is live:
+                del self._live[model]
+
+    async def _fail(self, live: _Live, error: str) -> None:
+        log.warning("deployment %s of %s: launch failed: %s", live.deployment_id, live.spec.id, error)
+        self._move(live, S.FAILED, error=error)
+        self._event("launch-failed", live, error)
+        try:
+            if live.ref is not None:
+                await self.provider.stop(live.ref)  # free the GPUs of what did start
+        finally:
+            if self._live.get(live.spec.id) is live:
+                del self._live[live.spec.id]
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """At startup: stop what an earlier gateway process left running (it crashed or was
+        killed) and close its deployments in the store, with an event saying so."""
+        for dep in self.store.live_deployments():
+            ref = _ref_from_json(dep.handle)
+            message = f"left {dep.state} by an earlier gateway process"
+            try:
+                if ref is not None and ref.provider == self.provider.name:
+                    await self.provider.stop(ref)
+                    message += "; its engine was stopped"
+            except ProviderError as exc:
+                message += f"; stopping its engine failed: {exc}"
+            state = DeploymentState(dep.state)
+            if state is not S.STOPPING:
+                self.store.transition(dep.id, expected=state, new=S.STOPPING)
+            self.store.transition(dep.id, expected=S.STOPPING, new=S.STOPPED)
+            self.store.record_event(kind="reconciled", model=dep.model, deployment_id=dep.id, message=message)
+            log.info("deployment %s of %s: %s", dep.id, dep.model, message)
+
+    async def shutdown(self) -> None:
+        """Stop every engine this process started, including launches still in progress."""
+        launches = list(self._launches.values())
+        for task in launches:
+            task.cancel()
+        await asyncio.gather(*launches, return_exceptions=True)
+        for model in list(self._live):
+            self.stop_soon(model, kind="shutdown-stop", reason="gateway shutting down", force=True)
+        await asyncio.gather(*self._stops.values(), return_exceptions=True)
+        for info in await self.provider.list():  # anything still known to the provider
+            await self.provider.stop(info.ref)
+
+    def flush_activity(self) -> None:
+        """Write the last-used times gathered in memory since the previous flush."""
+        batch = self.activity.take_dirty()
+        if batch:
+            self.store.touch_models(batch)
+            for model, at in batch.items():
+                live = self._live.get(model)
+                if live is not None:
+                    self.store.update_deployment(live.deployment_id, last_used_at=at)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _move(self, live: _Live, new: DeploymentState, **fields: Any) -> None:
+        old = live.state
+        if not self.store.transition(live.deployment_id, expected=old, new=new, at=self.clock(), **fields):
+            raise ProviderError(f"deployment {live.deployment_id} is no longer {old}")
+        live.state = new
+        log.info("deployment %s of %s: %s -> %s", live.deployment_id, live.spec.id, old, new)
+
+    def _event(self, kind: str, live: _Live, message: str) -> None:
+        self.store.record_event(
+            kind=kind, model=live.spec.id, deployment_id=live.deployment_id, message=message, at=self.clock()
+        )
+
+
+def _ref_json(ref: ClusterRef) -> str:
+    return json.dumps(
+        {
+            "provider": ref.provider,
+            "name": ref.name,
+            "deployment_id": ref.deployment_id,
+            "gpus": ref.gpus,
+            "data": dict(ref.data),
+        }
+    )
+
+
+def _ref_from_json(raw: str | None) -> ClusterRef | None:
+    if not raw:
+        return None
+    d = json.loads(raw)
+    return ClusterRef(
+        provider=d["provider"],
+        name=d["name"],
+        deployment_id=d["deployment_id"],
+        gpus=d["gpus"],
+        data=d["data"],
+    )
+
+
+__all__ = ["Controller", "GatewayError", "Route"]
