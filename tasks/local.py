@@ -13,8 +13,10 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -180,6 +182,8 @@ class LocalProvider:
             await self._reap(engine)
         finally:
             self._engines.pop(ref.deployment_id, None)
+            if not group_members(pgid) and ref.data.get("tmp_dir"):
+                shutil.rmtree(str(ref.data["tmp_dir"]), ignore_errors=True)
 
     async def list(self) -> list[ClusterInfo]:
         infos = []
@@ -203,12 +207,13 @@ class LocalProvider:
         name = f"{slug(spec.model)}-{spec.deployment_id}"
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.config.log_dir / f"{name}.log"
-        tmp_dir = self.config.log_dir / "tmp" / name
-        tmp_dir.mkdir(parents=True, exist_ok=True)
+        # A private, short TMPDIR: vLLM puts its IPC sockets there and their paths must stay
+        # under 108 bytes, so it cannot live below a deep data directory.
+        tmp_dir = tempfile.mkdtemp(prefix=f"llmgw-{spec.deployment_id}-")
         env = {
             **os.environ,
             "VLLM_NO_USAGE_STATS": "1",
-            "TMPDIR": str(tmp_dir),
+            "TMPDIR": tmp_dir,
             **self.config.env,
             "CUDA_VISIBLE_DEVICES": ",".join(slots),
             **spec.secrets,
@@ -227,6 +232,7 @@ class LocalProvider:
                     start_new_session=True,  # its own process group: stop() signals all of it
                 )
             except OSError as exc:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
                 raise ProviderError(f"cannot start the engine for {spec.model}: {exc}") from exc
         data: dict[str, Any] = {
             "model": spec.model,
@@ -236,6 +242,7 @@ class LocalProvider:
             "port": port,
             "gpu_ids": list(slots),
             "log": str(log_path),
+            "tmp_dir": tmp_dir,
         }
         ref = ClusterRef(
             provider=self.name, name=name, deployment_id=spec.deployment_id, gpus=len(slots), data=data

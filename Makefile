@@ -1,0 +1,39 @@
+# llm-gateway. `make run` and `make test` work on a fresh machine: they create what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test venv engine lint unit e2e bench clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# A separate virtualenv with real vLLM (CPU build without CUDA) and the tiny demo model.
+engine:
+	PYTHON=$(PYTHON) scripts/setup_engine.sh
+
+# Starts the gateway on 127.0.0.1:8000 with the local provider; tiny-llama starts on first request.
+run: venv engine
+	$(BIN)/llm-gateway serve
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# Unit and API tests only: seconds, no engine needed.
+unit: venv
+	$(BIN)/pytest -q -m "not e2e"
+
+e2e: venv engine
+	$(BIN)/pytest -q -m e2e
+
+test: venv engine lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) .venv-engine data .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from gateway.app import create_app
+from gateway.clock import Clock, system_clock
+from gateway.settings import Settings
+from tasks.provider import Provider
+from tests.stub_upstream import make_app, serve_in_thread
+
+# Nothing in the suite may reach a SkyPilot API server by accident.
+os.environ.setdefault("SKYPILOT_API_SERVER_ENDPOINT", "http://127.0.0.1:9")
+for key in [k for k in os.environ if k.startswith("LLMGW_")]:
+    del os.environ[key]  # a developer's own settings must not change test results
+
+
+@pytest.fixture(scope="session")
+def stub_url() -> Iterator[str]:
+    with serve_in_thread(make_app()) as url:
+        yield url
+
+
+def write_reference(tmp_path: Path, models: dict[str, Any]) -> Path:
+    path = tmp_path / "model_reference.json"
+    path.write_text(json.dumps(models))
+    return path
+
+
+def make_settings(tmp_path: Path, models: dict[str, Any] | None = None, **overrides: Any) -> Settings:
+    models = models if models is not None else {"org/chat": {}, "pinned": {"priority": 2}}
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "model_reference": write_reference(tmp_path, models),
+        "local": {"gpu_ids": ["0"]},
+        "reaper_interval_seconds": 3600,  # tests call tick() themselves
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@asynccontextmanager
+async def running_gateway(
+    settings: Settings, provider: Provider, clock: Clock = system_clock
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    app = create_app(settings, provider=provider, clock=clock)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=30) as client:
+            yield app, client
+
+
+CHAT_BODY: dict[str, Any] = {"model": "org/chat", "messages": [{"role": "user", "content": "hi"}]}

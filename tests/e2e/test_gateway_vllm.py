@@ -1,0 +1,113 @@
+"""The real gateway in front of a real vLLM engine, driven with the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from tests.e2e.conftest import GatewayProcess, wait_until
+
+MODEL = "tiny-llama"
+# uvicorn shuts down gracefully on SIGTERM, then re-raises the signal: -SIGTERM is a clean exit.
+CLEAN_EXIT = {0, -signal.SIGTERM}
+MESSAGES = [{"role": "user", "content": "Hello, who are you?"}]
+
+
+@pytest.fixture(scope="module")
+def hot_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    from tests.e2e.conftest import start_gateway
+
+    gw = start_gateway(tmp_path_factory.mktemp("hot"))
+    try:
+        yield gw
+    finally:
+        try:
+            assert gw.terminate(timeout=60) in CLEAN_EXIT
+            assert gw.live_engine_groups() == []
+        finally:
+            gw.kill_everything()
+
+
+def client(gw: GatewayProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key="unused", timeout=300, max_retries=0)
+
+
+def test_cold_chat_then_stream_then_completion(hot_gateway: GatewayProcess) -> None:
+    c = client(hot_gateway)
+    t0 = time.monotonic()
+    chat = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8)  # type: ignore[arg-type]
+    cold = time.monotonic() - t0
+    assert chat.model == MODEL
+    assert chat.choices[0].message.content
+    assert chat.usage is not None and chat.usage.completion_tokens > 0
+    events = hot_gateway.store().events(model=MODEL)
+    assert [e.kind for e in events] == ["launch", "ready"]
+    print(f"cold chat through the gateway: {cold:.1f}s")
+
+    stream = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, stream=True)  # type: ignore[arg-type]
+    chunks = list(stream)
+    assert len(chunks) >= 2
+    assert any(ch.choices and ch.choices[0].delta.content for ch in chunks)
+    assert chunks[-1].choices[0].finish_reason in {"length", "stop"}
+
+    completion = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8)
+    assert completion.choices[0].text
+    models = {m.id: m for m in c.models.list()}
+    assert models[MODEL].model_extra is not None and models[MODEL].model_extra["state"] == "ready"
+    assert len(hot_gateway.engine_groups()) == 1
+
+
+def test_unknown_model_is_404_envelope(hot_gateway: GatewayProcess) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client(hot_gateway).chat.completions.create(model="no-such-model", messages=MESSAGES)  # type: ignore[arg-type]
+    assert info.value.code == "model_not_found"
+    assert info.value.body is not None
+
+
+def test_engine_errors_reach_the_client(hot_gateway: GatewayProcess) -> None:
+    with pytest.raises(openai.BadRequestError):  # longer than the engine's max_model_len (256)
+        client(hot_gateway).completions.create(model=MODEL, prompt="hello " * 400, max_tokens=8)
+
+
+def test_herd_idle_teardown_and_sigterm(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    gw: GatewayProcess = gateway_factory(keep_hot_seconds=3, reaper_interval_seconds=0.5)
+
+    async def herd() -> list[str]:
+        async with openai.AsyncOpenAI(
+            base_url=f"{gw.base_url}/v1", api_key="x", timeout=300, max_retries=0
+        ) as ac:
+            results = await asyncio.gather(
+                *[
+                    ac.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
+                    for _ in range(50)
+                ]
+            )
+        return [r.choices[0].message.content or "" for r in results]
+
+    answers = asyncio.run(herd())
+    assert len(answers) == 50
+    store = gw.store()
+    assert len(store.events(model=MODEL, kind="launch")) == 1
+    [pgid] = gw.engine_groups()
+
+    # Idle teardown: keep_hot_seconds=3, the reaper stops the engine and its process group is gone.
+    assert wait_until(lambda: store.events(model=MODEL, kind="idle-stop") != [], timeout=30)
+    assert wait_until(lambda: gw.live_engine_groups() == [], timeout=30)
+    assert wait_until(lambda: store.deployments(model=MODEL)[0].state == "stopped", timeout=10)
+
+    # A new request starts a new engine; SIGTERM to the gateway leaves no engine behind.
+    c = client(gw)
+    assert c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4).choices  # type: ignore[arg-type]
+    groups = gw.engine_groups()
+    assert len(groups) == 2 and pgid in groups
+    assert gw.live_engine_groups() != []
+    gw.process.send_signal(signal.SIGTERM)
+    assert gw.process.wait(timeout=60) in CLEAN_EXIT
+    assert "gateway stopped" in gw.log.read_text()
+    assert gw.live_engine_groups() == []
+    assert all(d.state == "stopped" for d in store.deployments(model=MODEL))

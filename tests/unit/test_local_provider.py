@@ -1,0 +1,141 @@
+"""LocalProvider against a real stub engine process (tests/stub_upstream.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tasks.local import LocalConfig, LocalProvider, render_command
+from tasks.procs import group_members, start_time
+from tasks.provider import CapacityError, ClusterRef, EngineExited, LaunchSpec, ProviderError
+
+STUB = Path(__file__).parents[1] / "stub_upstream.py"
+
+
+def provider(
+    tmp_path: Path, extra: str = "", gpu_ids: tuple[str, ...] = ("0",), grace: float = 5.0
+) -> LocalProvider:
+    command = f"{sys.executable} {STUB} --port {{port}} --served-name {{served_name}} {extra} {{engine_args}}"
+    return LocalProvider(
+        LocalConfig(
+            engine_command=command, gpu_ids=gpu_ids, log_dir=tmp_path / "engines", stop_grace_seconds=grace
+        )
+    )
+
+
+def spec(model: str = "m", gpus: int = 1, dep: str = "d1", args: tuple[str, ...] = ()) -> LaunchSpec:
+    return LaunchSpec(
+        deployment_id=dep, model=model, gpus=gpus, engine_args=args, secrets={"HF_TOKEN": "hf_x"}
+    )
+
+
+def test_render_command_fills_words_without_a_shell() -> None:
+    s = LaunchSpec(deployment_id="d", model="org/m", gpus=2, model_path="/w/m", engine_args=("--a", "x y"))
+    argv = render_command(
+        "vllm serve {model} --served-model-name {served_name} --port {port} -tp {gpus} {engine_args} --tail",
+        s,
+        port=1234,
+    )
+    assert argv == [
+        "vllm",
+        "serve",
+        "/w/m",
+        "--served-model-name",
+        "org/m",
+        "--port",
+        "1234",
+        "-tp",
+        "2",
+        "--a",
+        "x y",
+        "--tail",
+    ]
+    with pytest.raises(ProviderError, match="nope"):
+        render_command("x {nope}", s, port=1)
+
+
+async def test_launch_ready_serve_stop_kills_whole_group(tmp_path: Path) -> None:
+    p = provider(tmp_path, "--children 2")
+    ref = await p.launch(spec(args=("--ready-after", "0.3")))
+    assert ref.data["gpu_ids"] == ["0"]
+    endpoint = await asyncio.wait_for(p.wait_ready(ref), 20)
+    async with httpx.AsyncClient() as client:
+        r = await client.post(f"{endpoint.base_url}/v1/chat/completions", json={"model": "m", "messages": []})
+    assert r.status_code == 200
+    pgid = ref.data["pgid"]
+    assert len(group_members(pgid)) == 3  # the engine and its two children
+    assert [i.status for i in await p.list()] == ["running"]
+    await p.stop(ref)
+    assert group_members(pgid) == []
+    assert await p.list() == []
+    assert p.free_slots() == ["0"]
+    log = Path(ref.data["log"])
+    assert log.exists() and log.parent == tmp_path / "engines"
+
+
+async def test_gpu_slots_and_capacity(tmp_path: Path) -> None:
+    p = provider(tmp_path, gpu_ids=("0", "1", "2"))
+    with pytest.raises(ProviderError, match="pool has 3"):
+        await p.launch(spec(gpus=4))
+    a = await p.launch(spec("a", gpus=2, dep="a"))
+    try:
+        assert a.data["gpu_ids"] == ["0", "1"]
+        with pytest.raises(CapacityError) as info:
+            await p.launch(spec("b", gpus=2, dep="b"))
+        assert "1 of 3 are free" in str(info.value) and info.value.tried == ("local",)
+        env = Path(f"/proc/{a.data['pid']}/environ").read_bytes().split(b"\0")
+        assert b"CUDA_VISIBLE_DEVICES=0,1" in env and b"HF_TOKEN=hf_x" in env
+    finally:
+        await p.stop(a)
+
+
+async def test_engine_exit_before_ready_is_reported_with_its_log(tmp_path: Path) -> None:
+    p = provider(tmp_path, "--exit-after 0.2")
+    ref = await p.launch(spec())
+    with pytest.raises(EngineExited, match="exited \\(code 3\\)"):
+        await asyncio.wait_for(p.wait_ready(ref), 20)
+    await p.stop(ref)
+    assert p.free_slots() == ["0"]
+
+
+async def test_sigterm_ignored_means_sigkill_after_grace(tmp_path: Path) -> None:
+    p = provider(tmp_path, "--ignore-term --children 1", grace=0.5)
+    ref = await p.launch(spec())
+    await asyncio.wait_for(p.wait_ready(ref), 20)
+    await asyncio.wait_for(p.stop(ref), 10)
+    assert group_members(ref.data["pgid"]) == []
+
+
+async def test_a_new_provider_stops_an_engine_it_did_not_start(tmp_path: Path) -> None:
+    first = provider(tmp_path, "--children 1")
+    ref = await first.launch(spec())
+    await asyncio.wait_for(first.wait_ready(ref), 20)
+    # As after a gateway crash: only the stored handle is left.
+    stored = ClusterRef(provider="local", name=ref.name, deployment_id=ref.deployment_id, data=dict(ref.data))
+    second = provider(tmp_path)
+    await second.stop(stored)
+    assert group_members(ref.data["pgid"]) == []
+    await first.stop(ref)  # idempotent
+
+
+async def test_a_recycled_pid_is_never_killed(tmp_path: Path) -> None:
+    p = provider(tmp_path)
+    ref = await p.launch(spec())
+    try:
+        await asyncio.wait_for(p.wait_ready(ref), 20)
+        pid = ref.data["pid"]
+        assert start_time(pid) == ref.data["start_time"]
+        other = ClusterRef(
+            provider="local",
+            name="x",
+            deployment_id="other",
+            data={**ref.data, "start_time": ref.data["start_time"] - 1},
+        )
+        await provider(tmp_path).stop(other)  # same pgid, different start time: not ours
+        assert group_members(ref.data["pgid"]) != []
+    finally:
+        await p.stop(ref)

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from state import ALLOWED, TERMINAL, DeploymentState, InvalidTransition, Store
+from state.machine import check_transition
+
+S = DeploymentState
+
+
+def test_transition_table_shape() -> None:
+    assert set(ALLOWED) == set(DeploymentState)
+    assert {S.STOPPED, S.FAILED} == TERMINAL
+    # Every non-terminal state can fail and can be stopped (or is already stopping).
+    for state in set(DeploymentState) - TERMINAL:
+        assert S.FAILED in ALLOWED[state]
+        assert S.STOPPING in ALLOWED[state] or state is S.STOPPING
+    # The happy path.
+    path = [S.PENDING, S.LAUNCHING, S.LOADING, S.READY, S.DRAINING, S.STOPPING, S.STOPPED]
+    for a, b in itertools.pairwise(path):
+        check_transition(a, b)
+    with pytest.raises(InvalidTransition):
+        check_transition(S.STOPPED, S.READY)
+    with pytest.raises(InvalidTransition):
+        check_transition(S.PENDING, S.READY)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    st = Store(f"sqlite:///{tmp_path / 'db' / 'gw.db'}")
+    st.create_all()
+    return st
+
+
+def test_sqlite_is_in_wal_mode(store: Store) -> None:
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_transition_is_compare_and_swap(store: Store) -> None:
+    store.create_deployment(deployment_id="d1", model="m", provider="local", gpus=1)
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert store.transition("d1", expected=S.PENDING, new=S.LAUNCHING, at=at)
+    assert not store.transition("d1", expected=S.PENDING, new=S.LAUNCHING)  # no longer pending
+    dep = store.get_deployment("d1")
+    assert dep is not None and dep.current is S.LAUNCHING and dep.launching_at == at
+    with pytest.raises(InvalidTransition):
+        store.transition("d1", expected=S.LAUNCHING, new=S.STOPPED)
+
+
+def test_only_one_of_many_concurrent_writers_wins(store: Store) -> None:
+    store.create_deployment(deployment_id="d1", model="m", provider="local", gpus=1)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(
+            pool.map(lambda _: store.transition("d1", expected=S.PENDING, new=S.FAILED), range(16))
+        )
+    assert results.count(True) == 1
+
+
+def test_transition_writes_extra_fields_and_live_query(store: Store) -> None:
+    store.create_deployment(deployment_id="a", model="m1", provider="local", gpus=1)
+    store.create_deployment(deployment_id="b", model="m2", provider="local", gpus=2)
+    store.transition("b", expected=S.PENDING, new=S.FAILED, error="no weights")
+    assert [d.id for d in store.live_deployments()] == ["a"]
+    failed = store.get_deployment("b")
+    assert failed is not None and failed.error == "no weights" and failed.failed_at is not None
+    with pytest.raises(ValueError):
+        store.update_deployment("a", state="ready")
+
+
+def test_touch_models_batch_and_events(store: Store) -> None:
+    at = datetime(2026, 5, 1, tzinfo=UTC)
+    store.touch_models({"x": at, "y": at})
+    rec = store.get_model("x")
+    assert rec is not None and rec.last_used_at == at
+    store.record_event(kind="launch", model="x", message="why")
+    store.record_event(kind="ready", model="y")
+    assert [e.kind for e in store.events(model="x")] == ["launch"]
+    assert [e.model for e in store.events(kind="ready")] == ["y"]
