@@ -82,7 +82,6 @@ class Settings(BaseSettings):
     loading_comment_seconds: float = Field(
         2.0, gt=0, description="Interval of `: loading` SSE comments sent to waiting streams."
     )
-    usage_flush_seconds: float = Field(1.0, gt=0)
     log_level: str = "INFO"
     local: LocalSettings = Field(default_factory=LocalSettings)
 
