@@ -37,3 +37,6 @@ test: venv engine lint
 
 clean:
 	rm -rf $(VENV) .venv-engine data .mypy_cache .ruff_cache .pytest_cache
+
+bench: venv engine
+	$(BIN)/python -m bench.cold_and_hot

@@ -49,7 +49,11 @@ def build_provider(settings: Settings) -> Provider:
                 env=settings.local.env,
             )
         )
-    raise NotImplementedError(f"provider {settings.provider!r} is not available in this version")
+    raise ProviderUnavailable(f"provider {settings.provider!r} is not available in this version; use `local`")
+
+
+class ProviderUnavailable(ValueError):
+    pass
 
 
 def create_app(

@@ -34,7 +34,7 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Listen port (overrides settings).")] = None,
 ) -> None:
     """Start the gateway (settings: defaults < --config file < LLMGW_* environment < flags)."""
-    from gateway.app import create_app
+    from gateway.app import ProviderUnavailable, create_app
 
     overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     try:
@@ -45,7 +45,7 @@ def serve(
     setup_logging(settings.log_level)
     try:
         application = create_app(settings)
-    except ReferenceError as exc:
+    except (ReferenceError, ProviderUnavailable) as exc:
         typer.echo(f"llm-gateway: {exc}", err=True)
         raise typer.Exit(2) from exc
     uvicorn.run(
