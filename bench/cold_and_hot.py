@@ -96,6 +96,7 @@ def pct(values: list[float], q: float) -> float:
 def main() -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-cold-"))
     by_hand = cold_by_hand(tmp)
+    (tmp / "gw").mkdir()
     gw = start_gateway(tmp / "gw")
     try:
         via_gateway = first_answer(gw.base_url)
