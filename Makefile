@@ -9,7 +9,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,skypilot]'
 	touch $@
 
 # A separate virtualenv with real vLLM (CPU build without CUDA) and the tiny demo model.

@@ -20,6 +20,7 @@ from gateway.errors import install_error_handlers
 from gateway.openai_api import OpenAIGateway, openai_router
 from gateway.proxy import Proxy, new_http_client
 from gateway.reaper import Reaper
+from gateway.reconcile import reconcile
 from gateway.reference import Catalog, load_reference
 from gateway.settings import Settings
 from gateway.usage import UsageRecorder
@@ -49,7 +50,40 @@ def build_provider(settings: Settings) -> Provider:
                 env=settings.local.env,
             )
         )
-    raise ProviderUnavailable(f"provider {settings.provider!r} is not available in this version; use `local`")
+    return build_skypilot_provider(settings)
+
+
+def build_skypilot_provider(settings: Settings) -> Provider:
+    try:
+        from tasks.sky_client import SdkSkyClient
+        from tasks.sky_task import SkyTaskConfig
+        from tasks.skypilot import SkyPilotConfig, SkyPilotProvider
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise ProviderUnavailable(
+            f"provider 'skypilot' needs `pip install llm-gateway[skypilot]`: {exc}"
+        ) from exc
+    sky = settings.skypilot
+    try:
+        client = SdkSkyClient()
+    except ImportError as exc:
+        raise ProviderUnavailable(
+            f"provider 'skypilot' needs `pip install llm-gateway[skypilot]`: {exc}"
+        ) from exc
+    task = SkyTaskConfig(
+        default_accelerators=tuple(sky.default_accelerators),
+        disk_size_gb=sky.disk_size_gb,
+        use_spot=sky.use_spot,
+        vllm_version=sky.vllm_version,
+        image=sky.image,
+        infra=sky.infra,
+        extra_labels=dict(sky.labels),
+    )
+    return SkyPilotProvider(
+        client,
+        SkyPilotConfig(
+            task=task, failsafe_minutes=sky.failsafe_minutes, job_check_seconds=sky.job_check_seconds
+        ),
+    )
 
 
 class ProviderUnavailable(ValueError):
@@ -81,7 +115,7 @@ def create_app(
             ModelRecord(id=s.id, gpus_per_replica=s.gpus_per_replica, priority=s.priority, kind=s.kind)
             for s in catalog.specs.values()
         )
-        await controller.recover()
+        await reconcile(controller, catalog, unknown=settings.reconcile_unknown)
         loop_task = asyncio.create_task(reaper.run(), name="reaper")
         log.info("gateway ready: %d models, provider %s", len(catalog.specs), provider.name)
         try:

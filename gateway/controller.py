@@ -19,11 +19,11 @@ from typing import Any
 from gateway.activity import Activity
 from gateway.clock import Clock
 from gateway.errors import GatewayError, bad_gateway, unavailable
-from gateway.policies import DeploymentView
+from gateway.policies import DeploymentView, heartbeats_due
 from gateway.reference import ModelSpec
 from gateway.settings import Settings
-from state import DeploymentState, Store
-from tasks.provider import CapacityError, ClusterRef, LaunchSpec, Provider, ProviderError
+from state import ALLOWED, Deployment, DeploymentState, Store
+from tasks.provider import CapacityError, ClusterRef, Endpoint, LaunchSpec, Provider, ProviderError
 
 log = logging.getLogger(__name__)
 S = DeploymentState
@@ -72,6 +72,7 @@ class Controller:
         self._launches: dict[str, asyncio.Task[Route]] = {}
         self._stops: dict[str, asyncio.Task[None]] = {}
         self._waiting: dict[str, int] = {}
+        self._heartbeats: dict[str, datetime] = {}  # deployment id -> last failsafe heartbeat
 
     # -- views ------------------------------------------------------------------------------
 
@@ -168,7 +169,8 @@ class Controller:
             async with asyncio.timeout(self.settings.cold_start_timeout_seconds):
                 self._move(live, S.LAUNCHING)
                 live.ref = await self.provider.launch(self._launch_spec(spec, dep_id))
-                self.store.update_deployment(dep_id, cluster=live.ref.name, handle=_ref_json(live.ref))
+                self._heartbeats[dep_id] = self.clock()  # the launch armed the failsafe
+                self.store.update_deployment(dep_id, cluster=live.ref.name, handle=ref_json(live.ref))
                 self._move(live, S.LOADING)
                 endpoint = await self.provider.wait_ready(live.ref)
         except TimeoutError:
@@ -219,7 +221,12 @@ class Controller:
             engine_args=spec.engine_argv(),
             max_model_len=spec.max_model_len,
             kind=spec.kind,
+            secrets=self._secrets(),
         )
+
+    def _secrets(self) -> dict[str, str]:
+        token = self.settings.hf_token
+        return {"HF_TOKEN": token.get_secret_value()} if token is not None else {}
 
     # -- taking models down -----------------------------------------------------------------
 
@@ -259,6 +266,7 @@ class Controller:
             if live.state is S.STOPPING:
                 self._move(live, S.STOPPED)
         finally:
+            self._heartbeats.pop(live.deployment_id, None)
             if self._live.get(model) is live:
                 del self._live[model]
 
@@ -270,29 +278,55 @@ class Controller:
             if live.ref is not None:
                 await self.provider.stop(live.ref)  # free the GPUs of what did start
         finally:
+            self._heartbeats.pop(live.deployment_id, None)
             if self._live.get(live.spec.id) is live:
                 del self._live[live.spec.id]
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def recover(self) -> None:
-        """At startup: stop what an earlier gateway process left running (it crashed or was
-        killed) and close its deployments in the store, with an event saying so."""
-        for dep in self.store.live_deployments():
-            ref = _ref_from_json(dep.handle)
-            message = f"left {dep.state} by an earlier gateway process"
+    def adopt(
+        self, dep: Deployment, spec: ModelSpec, ref: ClusterRef, endpoint: Endpoint, *, reason: str
+    ) -> None:
+        """Take back a healthy engine an earlier gateway process left running: route to it."""
+        live = _Live(deployment_id=dep.id, spec=spec, state=DeploymentState(dep.state), ref=ref)
+        for step in (S.LAUNCHING, S.LOADING, S.READY):  # walk the state machine up to ready
+            if live.state is not S.READY and step in ALLOWED[live.state]:
+                self._move(live, step, **({"endpoint": endpoint.base_url} if step is S.READY else {}))
+        now = self.clock()
+        live.ready_at = now
+        self._live[spec.id] = live
+        self.routes[spec.id] = Route(model=spec.id, base_url=endpoint.base_url, deployment_id=dep.id)
+        self.activity.touch(spec.id, now)
+        self._heartbeats[dep.id] = now
+        self.store.update_deployment(dep.id, cluster=ref.name, handle=ref_json(ref))
+        self._event("reconciled", live, reason)
+
+    def close_stale(self, dep: Deployment, message: str) -> None:
+        """Mark a deployment of an earlier gateway process stopped, with an event saying why."""
+        state = DeploymentState(dep.state)
+        if state is not S.STOPPING:
+            self.store.transition(dep.id, expected=state, new=S.STOPPING, at=self.clock())
+        self.store.transition(dep.id, expected=S.STOPPING, new=S.STOPPED, at=self.clock())
+        self.store.record_event(
+            kind="reconciled", model=dep.model, deployment_id=dep.id, message=message, at=self.clock()
+        )
+        log.info("deployment %s of %s: %s", dep.id, dep.model, message)
+
+    async def heartbeat_due(self, now: datetime) -> None:
+        """Re-arm the failsafe of every engine the gateway holds, at the provider's interval."""
+        interval = self.provider.heartbeat_interval_seconds
+        if interval is None:
+            return
+        holding = {v.deployment_id: v for v in self.views()}
+        for dep_id in heartbeats_due(holding.values(), self._heartbeats, now, interval):
+            live = self._live.get(holding[dep_id].model)
+            if live is None or live.ref is None:
+                continue
             try:
-                if ref is not None and ref.provider == self.provider.name:
-                    await self.provider.stop(ref)
-                    message += "; its engine was stopped"
+                await self.provider.heartbeat(live.ref)
+                self._heartbeats[dep_id] = now
             except ProviderError as exc:
-                message += f"; stopping its engine failed: {exc}"
-            state = DeploymentState(dep.state)
-            if state is not S.STOPPING:
-                self.store.transition(dep.id, expected=state, new=S.STOPPING)
-            self.store.transition(dep.id, expected=S.STOPPING, new=S.STOPPED)
-            self.store.record_event(kind="reconciled", model=dep.model, deployment_id=dep.id, message=message)
-            log.info("deployment %s of %s: %s", dep.id, dep.model, message)
+                log.warning("deployment %s of %s: heartbeat failed: %s", dep_id, live.spec.id, exc)
 
     async def shutdown(self) -> None:
         """Stop every engine this process started, including launches still in progress."""
@@ -331,7 +365,7 @@ class Controller:
         )
 
 
-def _ref_json(ref: ClusterRef) -> str:
+def ref_json(ref: ClusterRef) -> str:
     return json.dumps(
         {
             "provider": ref.provider,
@@ -343,7 +377,7 @@ def _ref_json(ref: ClusterRef) -> str:
     )
 
 
-def _ref_from_json(raw: str | None) -> ClusterRef | None:
+def ref_from_json(raw: str | None) -> ClusterRef | None:
     if not raw:
         return None
     d = json.loads(raw)

@@ -3,7 +3,7 @@ the actions they return and writes the events."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -59,3 +59,18 @@ def idle_stops(views: Iterable[DeploymentView], now: datetime) -> list[StopActio
                 )
             )
     return actions
+
+
+def heartbeats_due(
+    views: Iterable[DeploymentView], last_beat: Mapping[str, datetime], now: datetime, interval_seconds: float
+) -> list[str]:
+    """Deployments holding an engine (loading or ready) whose last failsafe heartbeat is at
+    least `interval_seconds` old (or never sent)."""
+    due = []
+    for view in views:
+        if view.state not in (DeploymentState.LOADING, DeploymentState.READY):
+            continue
+        last = last_beat.get(view.deployment_id)
+        if last is None or (now - last).total_seconds() >= interval_seconds:
+            due.append(view.deployment_id)
+    return due

@@ -29,6 +29,7 @@ class Reaper:
             if self.controller.stop_soon(action.model, kind=action.kind, reason=action.reason) is not None:
                 log.info("%s: %s (%s)", action.model, action.kind, action.reason)
                 applied.append(action)
+        await self.controller.heartbeat_due(now)
         await asyncio.to_thread(self.controller.flush_activity)
         await self.usage.flush()
         return applied

@@ -60,6 +60,25 @@ class LocalSettings(BaseModel):
         return self.gpu_ids if self.gpu_ids is not None else detect_gpu_ids()
 
 
+class SkyPilotSettings(BaseModel):
+    default_accelerators: list[str] = Field(
+        ["L4", "A10G", "L40S", "A100", "A100-80GB", "H100"],
+        description="GPU types a model may get (any of) when its entry names no `accelerators`.",
+    )
+    failsafe_minutes: int = Field(
+        30, ge=5, description="Clusters delete themselves this long after the gateway's last heartbeat."
+    )
+    disk_size_gb: int = Field(256, ge=50)
+    use_spot: bool = False
+    vllm_version: str = Field("0.32.0", description="`pip install vllm==...` on the cluster (no image).")
+    image: str | None = Field(None, description="Docker image instead of pip, e.g. vllm/vllm-openai:v0.32.0.")
+    infra: str | None = Field(
+        None, description="Where to launch: aws, aws/us-east-1, k8s, ... (default: any)."
+    )
+    job_check_seconds: float = Field(15.0, gt=0, description="Job status poll while an engine loads.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every cluster.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMGW_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -72,6 +91,7 @@ class Settings(BaseSettings):
     model_reference: Path = Path("model_reference.json")
     provider: Literal["local", "skypilot"] = "local"
     admin_token: SecretStr | None = None
+    hf_token: SecretStr | None = Field(None, description="Hugging Face token handed to engines as a secret.")
     keep_hot_seconds: float = Field(600.0, ge=0)
     cold_start_timeout_seconds: float = Field(900.0, gt=0)
     max_waiting_requests: int = Field(512, ge=0, description="Requests waiting for a cold model, per model.")
@@ -83,7 +103,12 @@ class Settings(BaseSettings):
         2.0, gt=0, description="Interval of `: loading` SSE comments sent to waiting streams."
     )
     log_level: str = "INFO"
+    reconcile_unknown: Literal["down", "adopt"] = Field(
+        "down",
+        description="At startup, what to do with a cluster carrying our label that the store does not know.",
+    )
     local: LocalSettings = Field(default_factory=LocalSettings)
+    skypilot: SkyPilotSettings = Field(default_factory=SkyPilotSettings)
 
     @field_validator("log_level")
     @classmethod

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.health import wait_healthy
+from tasks.health import is_healthy, wait_healthy
 from tasks.procs import group_members, is_our_group, signal_group, start_time
 from tasks.provider import (
     CapacityError,
@@ -103,6 +103,10 @@ class _Engine:
 
 class LocalProvider:
     name = "local"
+    # Engines left by a crashed gateway are stopped, not adopted: their GPU slots would have
+    # to be rebuilt from the store, and a fresh start is cheap locally.
+    adopt_on_restart = False
+    heartbeat_interval_seconds: float | None = None  # processes have no failsafe timer
 
     def __init__(self, config: LocalConfig) -> None:
         self.config = config
@@ -156,6 +160,15 @@ class LocalProvider:
 
         await wait_healthy(base_url, alive=alive)
         return Endpoint(base_url=base_url)
+
+    async def probe(self, ref: ClusterRef) -> Endpoint | None:
+        if not is_our_group(*_group_of(ref)):
+            return None
+        base_url = f"http://{ENGINE_HOST}:{ref.data['port']}"
+        return Endpoint(base_url=base_url) if await is_healthy(base_url) else None
+
+    async def heartbeat(self, ref: ClusterRef) -> None:
+        return None
 
     async def stop(self, ref: ClusterRef) -> None:
         """SIGTERM to the engine's process group, SIGKILL after the grace period; returns when

@@ -71,6 +71,13 @@ class ClusterInfo:
 @runtime_checkable
 class Provider(Protocol):
     name: str
+    # Take back a healthy engine found after a gateway restart (else it is stopped).
+    adopt_on_restart: bool
+
+    @property
+    def heartbeat_interval_seconds(self) -> float | None:
+        """How often `heartbeat` must be called for engines the gateway holds; None: never."""
+        ...
 
     async def launch(self, spec: LaunchSpec) -> ClusterRef:
         """Start an engine; returns once it is started, not once it is ready."""
@@ -82,6 +89,14 @@ class Provider(Protocol):
 
     async def swap(self, ref: ClusterRef, spec: LaunchSpec) -> ClusterRef:
         """Replace the engine running on `ref`'s GPUs with one for `spec`."""
+        ...
+
+    async def probe(self, ref: ClusterRef) -> Endpoint | None:
+        """The engine's endpoint if it is healthy right now, else None (for reconcile)."""
+        ...
+
+    async def heartbeat(self, ref: ClusterRef) -> None:
+        """Tell the engine's infrastructure the gateway still holds it (failsafe timers)."""
         ...
 
     async def stop(self, ref: ClusterRef) -> None:

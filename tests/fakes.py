@@ -20,10 +20,14 @@ class FakeProvider:
     launch_error: Exception | None = None
     ready_error: Exception | None = None
     name: str = "fake"
+    adopt_on_restart: bool = False
+    heartbeat_interval_seconds: float | None = None
+    healthy: bool = True  # what probe() answers for running engines
     launches: list[LaunchSpec] = field(default_factory=list)
     stops: list[ClusterRef] = field(default_factory=list)
     swaps: list[tuple[ClusterRef, LaunchSpec]] = field(default_factory=list)
     running: dict[str, ClusterRef] = field(default_factory=dict)
+    heartbeats: list[ClusterRef] = field(default_factory=list)
 
     async def launch(self, spec: LaunchSpec) -> ClusterRef:
         self.launches.append(spec)
@@ -52,6 +56,14 @@ class FakeProvider:
         self.swaps.append((ref, spec))
         await self.stop(ref)
         return await self.launch(spec)
+
+    async def probe(self, ref: ClusterRef) -> Endpoint | None:
+        return (
+            Endpoint(base_url=self.endpoint) if ref.deployment_id in self.running and self.healthy else None
+        )
+
+    async def heartbeat(self, ref: ClusterRef) -> None:
+        self.heartbeats.append(ref)
 
     async def stop(self, ref: ClusterRef) -> None:
         self.stops.append(ref)

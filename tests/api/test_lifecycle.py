@@ -6,7 +6,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from gateway.controller import _ref_json
+from gateway.controller import ref_json
 from state import DeploymentState, Store
 from tasks.provider import ClusterRef
 from tests.conftest import CHAT_BODY, make_settings, running_gateway
@@ -128,7 +128,7 @@ async def test_recover_stops_what_a_crashed_gateway_left(tmp_path: Path, stub_ur
     ref = ClusterRef(
         provider="fake", name="fake-orphan1", deployment_id="orphan1", data={"model": "org/chat"}
     )
-    store.update_deployment("orphan1", handle=_ref_json(ref))
+    store.update_deployment("orphan1", handle=ref_json(ref))
     provider = FakeProvider(endpoint=stub_url)
     async with running_gateway(settings, provider) as (app, _):
         assert [r.name for r in provider.stops] == ["fake-orphan1"]
