@@ -1,0 +1,105 @@
+"""The gateway with SkyPilotProvider (fake SkyClient): failsafe heartbeats and reconcile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway.controller import ref_json
+from state import DeploymentState, Store
+from tasks.provider import ClusterRef, LaunchSpec
+from tasks.sky_task import SkyTaskConfig, cluster_name
+from tasks.skypilot import SkyPilotConfig, SkyPilotProvider
+from tests.api.test_lifecycle import FakeClock
+from tests.conftest import CHAT_BODY, make_settings, running_gateway
+from tests.fake_sky import FakeSkyClient
+
+CONFIG = SkyPilotConfig(task=SkyTaskConfig(default_accelerators=("A10G",)), failsafe_minutes=30)
+
+
+async def test_heartbeat_rearms_the_failsafe_every_third(tmp_path: Path, stub_url: str) -> None:
+    clock, client = FakeClock(), FakeSkyClient(endpoint=stub_url.removeprefix("http://"))
+    settings = make_settings(tmp_path, keep_hot_seconds=7200)
+    async with running_gateway(settings, SkyPilotProvider(client, CONFIG), clock) as (app, http):
+        assert (await http.post("/v1/chat/completions", json=CHAT_BODY)).status_code == 200
+        [name] = client.clusters
+        reaper = app.state.reaper
+        await reaper.tick(clock.advance(9 * 60))
+        assert not [c for c in client.calls if c[0] == "autostop"]  # the launch armed it
+        await reaper.tick(clock.advance(61))
+        await reaper.tick(clock.advance(60))
+        assert [c for c in client.calls if c[0] == "autostop"] == [("autostop", name, 30)]
+        await reaper.tick(clock.advance(10 * 60))
+        assert len([c for c in client.calls if c[0] == "autostop"]) == 2
+
+
+def seed(settings, dep_id: str, model: str, state: DeploymentState, *, name: str | None = None) -> str:
+    store = Store(settings.resolved_database_url)
+    store.create_all()
+    store.create_deployment(deployment_id=dep_id, model=model, provider="skypilot", gpus=1)
+    for step in (DeploymentState.LAUNCHING, DeploymentState.LOADING, DeploymentState.READY):
+        store.transition(dep_id, expected=DeploymentState(store.get_deployment(dep_id).state), new=step)
+        if step is state:
+            break
+    cluster = name or cluster_name(LaunchSpec(deployment_id=dep_id, model=model))
+
+    ref = ClusterRef(
+        provider="skypilot",
+        name=cluster,
+        deployment_id=dep_id,
+        data={"model": model, "job_id": 1, "accelerators": {"A10G": 1}},
+    )
+    store.update_deployment(dep_id, cluster=cluster, handle=ref_json(ref))
+    store.close()
+    return cluster
+
+
+async def launch_cluster(client: FakeSkyClient, dep_id: str, model: str) -> str:
+    provider = SkyPilotProvider(client, CONFIG)
+    ref = await provider.launch(LaunchSpec(deployment_id=dep_id, model=model))
+    return ref.name
+
+
+async def test_reconcile_adopts_live_marks_vanished_downs_unknown(tmp_path: Path, stub_url: str) -> None:
+    settings = make_settings(tmp_path, {"org/chat": {}, "org/gone": {}, "org/stray": {}})
+    client = FakeSkyClient(endpoint=stub_url.removeprefix("http://"))
+    live = await launch_cluster(client, "dlive", "org/chat")
+    stray = await launch_cluster(client, "dstray", "org/stray")  # not in the store
+    assert seed(settings, "dlive", "org/chat", DeploymentState.READY) == live
+    seed(settings, "dgone", "org/gone", DeploymentState.READY)  # its cluster no longer exists
+    client.calls.clear()
+    async with running_gateway(settings, SkyPilotProvider(client, CONFIG)) as (app, http):
+        store = app.state.store
+        assert store.get_deployment("dlive").state == DeploymentState.READY
+        assert store.get_deployment("dgone").state == DeploymentState.STOPPED
+        assert set(client.clusters) == {live}  # the stray one was downed
+        messages = " | ".join(e.message for e in store.events(kind="reconciled"))
+        assert "adopted healthy" in messages and "vanished" in messages and f"{stray}" in messages
+        # The adopted engine serves at once: no launch.
+        assert (await http.post("/v1/chat/completions", json=CHAT_BODY)).status_code == 200
+        assert not [c for c in client.calls if c[0] == "launch"]
+
+
+async def test_reconcile_downs_an_unhealthy_cluster(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    client = FakeSkyClient(endpoint="127.0.0.1:9")  # /health does not answer
+    name = await launch_cluster(client, "dsick", "org/chat")
+    seed(settings, "dsick", "org/chat", DeploymentState.LOADING)
+    async with running_gateway(settings, SkyPilotProvider(client, CONFIG)) as (app, _):
+        assert app.state.store.get_deployment("dsick").state == DeploymentState.STOPPED
+        assert name not in client.clusters
+        [event] = app.state.store.events(kind="reconciled")
+        assert "was stopped" in event.message
+
+
+async def test_reconcile_can_adopt_unknown_clusters(tmp_path: Path, stub_url: str) -> None:
+    settings = make_settings(tmp_path, reconcile_unknown="adopt")
+    client = FakeSkyClient(endpoint=stub_url.removeprefix("http://"))
+    name = await launch_cluster(client, "dx", "org/chat")
+    client.calls.clear()
+    async with running_gateway(settings, SkyPilotProvider(client, CONFIG)) as (app, http):
+        assert name in client.clusters
+        dep = app.state.store.get_deployment("dx")
+        assert dep.state == DeploymentState.READY and dep.cluster == name
+        assert (await http.post("/v1/chat/completions", json=CHAT_BODY)).status_code == 200
+        assert not [c for c in client.calls if c[0] == "launch"]
+    assert client.clusters == {}  # shutdown downs what the gateway holds
