@@ -6,6 +6,7 @@ times to the store in batches.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from datetime import datetime
 
@@ -15,6 +16,7 @@ class Activity:
         self._in_flight: defaultdict[str, int] = defaultdict(int)
         self._last_used: dict[str, datetime] = {}
         self._dirty: set[str] = set()
+        self._idle: dict[str, asyncio.Event] = {}
 
     def begin(self, model: str, now: datetime) -> None:
         self._in_flight[model] += 1
@@ -25,6 +27,19 @@ class Activity:
         self._in_flight[model] -= 1
         self._last_used[model] = now
         self._dirty.add(model)
+        if self._in_flight[model] == 0 and model in self._idle:
+            self._idle.pop(model).set()
+
+    async def wait_idle(self, model: str, grace_seconds: float) -> bool:
+        """Wait until `model` has no request in flight; False if `grace_seconds` passed first."""
+        if self.in_flight(model) == 0:
+            return True
+        event = self._idle.setdefault(model, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), grace_seconds)
+        except TimeoutError:
+            return False
+        return True
 
     def touch(self, model: str, now: datetime) -> None:
         self._last_used[model] = now

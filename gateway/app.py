@@ -101,8 +101,10 @@ def create_app(
     store = Store(settings.resolved_database_url)
     activity = Activity()
     usage = UsageRecorder(store)
-    controller = Controller(settings=settings, provider=provider, store=store, clock=clock, activity=activity)
-    reaper = Reaper(controller, usage, interval_seconds=settings.reaper_interval_seconds)
+    controller = Controller(
+        settings=settings, provider=provider, store=store, clock=clock, activity=activity, catalog=catalog
+    )
+    reaper = Reaper(controller, usage, settings)
     client = http_client or new_http_client(settings.upstream_timeout_seconds)
     gateway = OpenAIGateway(
         settings=settings, catalog=catalog, controller=controller, proxy=Proxy(client, activity, usage, clock)
@@ -111,6 +113,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store.create_all()
+        catalog.load_overrides(store.overrides())
         store.upsert_models(
             ModelRecord(id=s.id, gpus_per_replica=s.gpus_per_replica, priority=s.priority, kind=s.kind)
             for s in catalog.specs.values()
@@ -125,6 +128,7 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await loop_task
             await controller.shutdown()
+            await reaper.settle()
             controller.flush_activity()
             await usage.flush()
             if http_client is None:

@@ -1,26 +1,34 @@
 """The controller: the one writer of deployment state.
 
 `ensure_ready(spec)` brings a model up (single-flight: the first caller starts the launch,
-every other caller awaits the same task), `stop()` takes one down, `recover()` cleans up after
-an earlier gateway process, `shutdown()` stops everything this process started. The routing
-table lives in memory so the request path never queries the database.
+every other caller awaits the same task); when the provider has no capacity, a lower-priority
+model's engine is taken over. `stop_soon()` takes one down, `shutdown()` stops everything this
+process started. The routing table lives in memory so the request path never queries the
+database. Restart handling (adopt / close) is in `reconcile.py`, schedules in `reaper.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from gateway.activity import Activity
 from gateway.clock import Clock
+from gateway.deployments import Failure, LiveDeployment, Route, ref_json
 from gateway.errors import GatewayError, bad_gateway, unavailable
-from gateway.policies import DeploymentView, heartbeats_due
-from gateway.reference import ModelSpec
+from gateway.policies import (
+    DeploymentView,
+    Eviction,
+    Request,
+    choose_victim,
+    expired_failures,
+    heartbeats_due,
+)
+from gateway.reference import Catalog, ModelSpec
 from gateway.settings import Settings
 from state import ALLOWED, Deployment, DeploymentState, Store
 from tasks.provider import CapacityError, ClusterRef, Endpoint, LaunchSpec, Provider, ProviderError
@@ -34,24 +42,6 @@ RETRY_AFTER_CAPACITY = 30
 RETRY_AFTER_COLD_START = 30
 
 
-@dataclass(frozen=True)
-class Route:
-    model: str
-    base_url: str
-    deployment_id: str | None = None  # None for external endpoints
-
-
-@dataclass
-class _Live:
-    """In-memory mirror of one live deployment (the store has the same, durably)."""
-
-    deployment_id: str
-    spec: ModelSpec
-    state: DeploymentState
-    ref: ClusterRef | None = None
-    ready_at: datetime | None = None
-
-
 class Controller:
     def __init__(
         self,
@@ -61,18 +51,22 @@ class Controller:
         store: Store,
         clock: Clock,
         activity: Activity,
+        catalog: Catalog,
     ) -> None:
         self.settings = settings
         self.provider = provider
         self.store = store
         self.clock = clock
         self.activity = activity
+        self.catalog = catalog
         self.routes: dict[str, Route] = {}
-        self._live: dict[str, _Live] = {}  # by model: at most one live deployment per model
+        self.failures: dict[str, Failure] = {}
+        self._live: dict[str, LiveDeployment] = {}  # by model: at most one live deployment per model
         self._launches: dict[str, asyncio.Task[Route]] = {}
         self._stops: dict[str, asyncio.Task[None]] = {}
         self._waiting: dict[str, int] = {}
         self._heartbeats: dict[str, datetime] = {}  # deployment id -> last failsafe heartbeat
+        self._evictions: list[Eviction] = []
 
     # -- views ------------------------------------------------------------------------------
 
@@ -83,40 +77,70 @@ class Controller:
     def waiting(self, model: str) -> int:
         return self._waiting.get(model, 0)
 
-    def launch_in_progress(self, model: str) -> bool:
-        return model in self._launches
+    def live(self, model: str) -> LiveDeployment | None:
+        return self._live.get(model)
+
+    def effective_spec(self, live: LiveDeployment) -> ModelSpec:
+        """The model's current settings (admin overrides apply to running deployments too)."""
+        return self.catalog.resolve(live.spec.id) or live.spec
 
     def views(self) -> list[DeploymentView]:
         views = []
         for model, live in self._live.items():
+            spec = self.effective_spec(live)
             last = self.activity.last_used(model)
             base = live.ready_at or self.clock()
+            accelerators = tuple(live.ref.data.get("accelerators") or ()) if live.ref else ()
             views.append(
                 DeploymentView(
                     deployment_id=live.deployment_id,
                     model=model,
                     state=live.state,
-                    priority=live.spec.priority,
+                    priority=spec.priority,
                     keep_hot_seconds=(
-                        live.spec.keep_hot_seconds
-                        if live.spec.keep_hot_seconds is not None
+                        spec.keep_hot_seconds
+                        if spec.keep_hot_seconds is not None
                         else self.settings.keep_hot_seconds
                     ),
                     last_used=max(last, base) if last else base,
                     in_flight=self.activity.in_flight(model),
-                    gpus=live.spec.gpus_per_replica,
+                    gpus=live.ref.gpus if live.ref else spec.gpus_per_replica,
+                    accelerators=accelerators,
                 )
             )
         return views
 
+    def failure(self, model: str) -> Failure | None:
+        """The remembered start failure of `model`, while its TTL runs."""
+        failure = self.failures.get(model)
+        if failure is None or expired_failures(
+            {model: failure.at}, self.clock(), self.settings.failed_model_ttl_seconds
+        ):
+            return None
+        return failure
+
+    def reset_failures(self, model: str | None = None) -> list[str]:
+        cleared = [model] if model is not None and model in self.failures else []
+        if model is None:
+            cleared = list(self.failures)
+        for m in cleared:
+            del self.failures[m]
+        return cleared
+
+    def expire_failures(self, now: datetime) -> None:
+        at = {m: f.at for m, f in self.failures.items()}
+        for model in expired_failures(at, now, self.settings.failed_model_ttl_seconds):
+            del self.failures[model]
+
     # -- bringing models up -----------------------------------------------------------------
 
-    def admit(self, spec: ModelSpec) -> asyncio.Task[Route]:
+    def admit(self, spec: ModelSpec, secrets: Mapping[str, str] | None = None) -> asyncio.Task[Route]:
         """Join (or start) the launch of `spec` as one more waiter; 503 past the per-model limit.
 
         Synchronous on purpose: admission is decided before the caller commits to a response.
         Waiters are counted per launch and all released together when the launch ends, so a
-        waiter that goes away early can never leak a slot."""
+        waiter that goes away early can never leak a slot. `secrets` (a per-request Hugging
+        Face token) are used only if this call starts the launch."""
         model = spec.id
         if self._waiting.get(model, 0) >= self.settings.max_waiting_requests:
             raise unavailable(
@@ -126,18 +150,18 @@ class Controller:
             )
         task = self._launches.get(model)
         if task is None:
-            task = asyncio.create_task(self._bring_up(spec), name=f"launch {model}")
+            task = asyncio.create_task(self._bring_up(spec, dict(secrets or {})), name=f"launch {model}")
             self._launches[model] = task
             task.add_done_callback(self._launch_done)
         self._waiting[model] = self._waiting.get(model, 0) + 1
         return task
 
-    async def ensure_ready(self, spec: ModelSpec) -> Route:
+    async def ensure_ready(self, spec: ModelSpec, secrets: Mapping[str, str] | None = None) -> Route:
         route = self.routes.get(spec.id)
         if route is not None:
             return route
         # shield: a waiter that goes away (client disconnect) must not cancel the launch
-        return await asyncio.shield(self.admit(spec))
+        return await asyncio.shield(self.admit(spec, secrets))
 
     def _launch_done(self, task: asyncio.Task[Route]) -> None:
         model = task.get_name().removeprefix("launch ")
@@ -147,7 +171,7 @@ class Controller:
         if not task.cancelled():
             task.exception()  # retrieved here so a launch nobody awaits any more is not reported
 
-    async def _bring_up(self, spec: ModelSpec) -> Route:
+    async def _bring_up(self, spec: ModelSpec, secrets: dict[str, str]) -> Route:
         model = spec.id
         stopping = self._stops.get(model)
         if stopping is not None:  # the previous engine must release its GPUs first
@@ -161,41 +185,47 @@ class Controller:
             gpus=spec.gpus_per_replica,
             at=started,
         )
-        live = _Live(deployment_id=dep_id, spec=spec, state=S.PENDING)
+        live = LiveDeployment(deployment_id=dep_id, spec=spec, state=S.PENDING)
         self._live[model] = live
-        self._event("launch", live, f"cold start requested ({spec.gpus_per_replica} GPU)")
+        self._event(
+            "launch", live, f"cold start requested ({spec.gpus_per_replica} GPU, priority {spec.priority})"
+        )
         log.info("deployment %s of %s: created (pending)", dep_id, model)
+        launch_spec = self._launch_spec(spec, dep_id, secrets)
+        timeout = self.settings.cold_start_timeout_seconds
         try:
-            async with asyncio.timeout(self.settings.cold_start_timeout_seconds):
+            async with asyncio.timeout(timeout):
                 self._move(live, S.LAUNCHING)
-                live.ref = await self.provider.launch(self._launch_spec(spec, dep_id))
+                try:
+                    live.ref = await self.provider.launch(launch_spec)
+                except CapacityError as exc:
+                    live.ref = await self._take_over(live, launch_spec, exc)
                 self._heartbeats[dep_id] = self.clock()  # the launch armed the failsafe
                 self.store.update_deployment(dep_id, cluster=live.ref.name, handle=ref_json(live.ref))
                 self._move(live, S.LOADING)
                 endpoint = await self.provider.wait_ready(live.ref)
         except TimeoutError:
-            await self._fail(
-                live, f"not ready after {self.settings.cold_start_timeout_seconds:g}s (cold start timeout)"
-            )
+            await self._fail(live, f"not ready after {timeout:g}s (cold start timeout)", remember=True)
             raise unavailable(
-                f"{model} did not become ready within {self.settings.cold_start_timeout_seconds:g}s.",
+                f"{model} did not become ready within {timeout:g}s.",
                 code="cold_start_timeout",
                 retry_after=RETRY_AFTER_COLD_START,
             ) from None
         except CapacityError as exc:
-            await self._fail(live, f"no capacity: {exc}")
+            await self._fail(live, f"no capacity: {exc}", remember=False)
             raise unavailable(
                 f"No GPU capacity for {model}: {exc}",
                 code="capacity_unavailable",
                 retry_after=RETRY_AFTER_CAPACITY,
             ) from exc
         except asyncio.CancelledError:
-            await self._teardown(live, kind="launch-cancelled", reason="gateway shutting down")
+            await self._teardown(
+                live, kind="launch-cancelled", reason="launch cancelled (shutdown or unload)"
+            )
             raise
         except Exception as exc:  # ProviderError, or anything a provider let through
-            await self._fail(
-                live, str(exc) if isinstance(exc, ProviderError) else f"{type(exc).__name__}: {exc}"
-            )
+            error = str(exc) if isinstance(exc, ProviderError) else f"{type(exc).__name__}: {exc}"
+            await self._fail(live, error, remember=True)
             raise bad_gateway(
                 f"The engine for {model} failed to start: {exc}", code="engine_start_failed"
             ) from exc
@@ -210,7 +240,10 @@ class Controller:
         )
         return route
 
-    def _launch_spec(self, spec: ModelSpec, deployment_id: str) -> LaunchSpec:
+    def _launch_spec(self, spec: ModelSpec, deployment_id: str, secrets: Mapping[str, str]) -> LaunchSpec:
+        token = self.settings.hf_token
+        merged = {"HF_TOKEN": token.get_secret_value()} if token is not None else {}
+        merged.update(secrets)  # a per-request token wins over the configured one
         return LaunchSpec(
             deployment_id=deployment_id,
             model=spec.id,
@@ -221,12 +254,58 @@ class Controller:
             engine_args=spec.engine_argv(),
             max_model_len=spec.max_model_len,
             kind=spec.kind,
-            secrets=self._secrets(),
+            secrets=merged,
         )
 
-    def _secrets(self) -> dict[str, str]:
-        token = self.settings.hf_token
-        return {"HF_TOKEN": token.get_secret_value()} if token is not None else {}
+    async def _take_over(
+        self, live: LiveDeployment, launch_spec: LaunchSpec, exc: CapacityError
+    ) -> ClusterRef:
+        """No capacity: move the model onto a lower-priority model's engine, or re-raise."""
+        spec = self.effective_spec(live)
+        request = Request(
+            model=spec.id,
+            priority=spec.priority,
+            gpus=spec.gpus_per_replica,
+            accelerators=spec.accelerators or (),
+        )
+        now = self.clock()
+        victim = choose_victim(
+            self.views(),
+            request,
+            evictions=self._evictions,
+            now=now,
+            cooldown_seconds=self.settings.eviction_cooldown_seconds,
+        )
+        if victim is None:
+            raise exc
+        target = self._live[victim.model]
+        assert target.ref is not None
+        self.routes.pop(victim.model, None)
+        self._move(target, S.DRAINING)
+        self._event(
+            "evicted", target, f"evicted by {spec.id} (priority {spec.priority} > {victim.priority}): {exc}"
+        )
+        log.info("%s takes over %s from %s", spec.id, target.ref.name, victim.model)
+        await self.activity.wait_idle(victim.model, self.settings.drain_seconds)
+        try:
+            ref = await self.provider.swap(target.ref, launch_spec)
+        except Exception as swap_exc:
+            self._move(target, S.FAILED, error=f"swap to {spec.id} failed: {swap_exc}")
+            self._forget(target)
+            raise
+        self._move(target, S.STOPPING)
+        self._move(target, S.STOPPED)
+        self._forget(target)
+        self._evictions = [
+            e
+            for e in self._evictions
+            if (now - e.at).total_seconds() < self.settings.eviction_cooldown_seconds
+        ]
+        self._evictions.append(Eviction(victim=victim.model, by=spec.id, at=now))
+        self._event(
+            "takeover", live, f"took over {ref.name} from {victim.model} (priority {victim.priority})"
+        )
+        return ref
 
     # -- taking models down -----------------------------------------------------------------
 
@@ -235,24 +314,48 @@ class Controller:
     ) -> asyncio.Task[None] | None:
         """Start stopping `model`'s deployment in the background; None if there is nothing to stop
         or (without `force`) it has requests in flight. The routing entry is removed at once,
-        in the same step as the in-flight check, so no new request is routed to it."""
+        in the same step as the in-flight check, so no new request is routed to it; with
+        `force`, requests in flight get `drain_seconds` to finish."""
         live = self._live.get(model)
         if live is None or live.state is not S.READY or model in self._stops:
             return None
         if self.activity.in_flight(model) > 0 and not force:
             return None
         self.routes.pop(model, None)
-        task = asyncio.create_task(self._teardown(live, kind=kind, reason=reason), name=f"stop {model}")
+        task = asyncio.create_task(
+            self._teardown(live, kind=kind, reason=reason, drain=force), name=f"stop {model}"
+        )
         self._stops[model] = task
         task.add_done_callback(
             lambda t: self._stops.pop(model, None) if self._stops.get(model) is t else None
         )
         return task
 
-    async def _teardown(self, live: _Live, *, kind: str, reason: str) -> None:
+    async def stop_model(self, model: str, *, kind: str, reason: str) -> bool:
+        """Stop `model` whatever it is doing: cancel its launch, or drain and stop its engine."""
+        launch = self._launches.get(model)
+        if launch is not None:
+            launch.cancel()
+            await asyncio.gather(launch, return_exceptions=True)
+            return True
+        task = self.stop_soon(model, kind=kind, reason=reason, force=True) or self._stops.get(model)
+        if task is None:
+            return False
+        await asyncio.shield(task)
+        return True
+
+    async def stop_all(self, *, kind: str, reason: str) -> list[str]:
+        models = sorted(set(self._live) | set(self._launches))
+        await asyncio.gather(*(self.stop_model(m, kind=kind, reason=reason) for m in models))
+        return models
+
+    async def _teardown(self, live: LiveDeployment, *, kind: str, reason: str, drain: bool = False) -> None:
         model = live.spec.id
         self.routes.pop(model, None)
         self._event(kind, live, reason)
+        if drain and live.state is S.READY:
+            self._move(live, S.DRAINING)
+            await self.activity.wait_idle(model, self.settings.drain_seconds)
         if live.state not in (S.STOPPING, S.STOPPED, S.FAILED):
             self._move(live, S.STOPPING)
         try:
@@ -266,21 +369,24 @@ class Controller:
             if live.state is S.STOPPING:
                 self._move(live, S.STOPPED)
         finally:
-            self._heartbeats.pop(live.deployment_id, None)
-            if self._live.get(model) is live:
-                del self._live[model]
+            self._forget(live)
 
-    async def _fail(self, live: _Live, error: str) -> None:
+    async def _fail(self, live: LiveDeployment, error: str, *, remember: bool) -> None:
         log.warning("deployment %s of %s: launch failed: %s", live.deployment_id, live.spec.id, error)
         self._move(live, S.FAILED, error=error)
         self._event("launch-failed", live, error)
+        if remember:
+            self.failures[live.spec.id] = Failure(model=live.spec.id, error=error, at=self.clock())
         try:
             if live.ref is not None:
                 await self.provider.stop(live.ref)  # free the GPUs of what did start
         finally:
-            self._heartbeats.pop(live.deployment_id, None)
-            if self._live.get(live.spec.id) is live:
-                del self._live[live.spec.id]
+            self._forget(live)
+
+    def _forget(self, live: LiveDeployment) -> None:
+        self._heartbeats.pop(live.deployment_id, None)
+        if self._live.get(live.spec.id) is live:
+            del self._live[live.spec.id]
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -288,7 +394,7 @@ class Controller:
         self, dep: Deployment, spec: ModelSpec, ref: ClusterRef, endpoint: Endpoint, *, reason: str
     ) -> None:
         """Take back a healthy engine an earlier gateway process left running: route to it."""
-        live = _Live(deployment_id=dep.id, spec=spec, state=DeploymentState(dep.state), ref=ref)
+        live = LiveDeployment(deployment_id=dep.id, spec=spec, state=DeploymentState(dep.state), ref=ref)
         for step in (S.LAUNCHING, S.LOADING, S.READY):  # walk the state machine up to ready
             if live.state is not S.READY and step in ALLOWED[live.state]:
                 self._move(live, step, **({"endpoint": endpoint.base_url} if step is S.READY else {}))
@@ -352,42 +458,17 @@ class Controller:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _move(self, live: _Live, new: DeploymentState, **fields: Any) -> None:
+    def _move(self, live: LiveDeployment, new: DeploymentState, **fields: Any) -> None:
         old = live.state
         if not self.store.transition(live.deployment_id, expected=old, new=new, at=self.clock(), **fields):
             raise ProviderError(f"deployment {live.deployment_id} is no longer {old}")
         live.state = new
         log.info("deployment %s of %s: %s -> %s", live.deployment_id, live.spec.id, old, new)
 
-    def _event(self, kind: str, live: _Live, message: str) -> None:
+    def _event(self, kind: str, live: LiveDeployment, message: str) -> None:
         self.store.record_event(
             kind=kind, model=live.spec.id, deployment_id=live.deployment_id, message=message, at=self.clock()
         )
-
-
-def ref_json(ref: ClusterRef) -> str:
-    return json.dumps(
-        {
-            "provider": ref.provider,
-            "name": ref.name,
-            "deployment_id": ref.deployment_id,
-            "gpus": ref.gpus,
-            "data": dict(ref.data),
-        }
-    )
-
-
-def ref_from_json(raw: str | None) -> ClusterRef | None:
-    if not raw:
-        return None
-    d = json.loads(raw)
-    return ClusterRef(
-        provider=d["provider"],
-        name=d["name"],
-        deployment_id=d["deployment_id"],
-        gpus=d["gpus"],
-        data=d["data"],
-    )
 
 
 __all__ = ["Controller", "GatewayError", "Route"]

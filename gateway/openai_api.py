@@ -12,12 +12,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
-from gateway.controller import Controller, Route
+from gateway.controller import Controller
+from gateway.deployments import Route
 from gateway.errors import GatewayError, model_not_found
 from gateway.proxy import Proxy
 from gateway.reference import Catalog, ModelSpec
 from gateway.settings import Settings
 
+# A Hugging Face token for gated models, per request; handed to the engine it starts, never kept.
+HF_TOKEN_HEADER = "x-hf-token"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -52,9 +55,19 @@ class OpenAIGateway:
         route = self.route_of(spec)
         if route is not None:
             return await self.proxy.forward(route, path, body, request.headers, stream=stream)
+        failure = self.controller.failure(spec.id)
+        if failure is not None:
+            raise GatewayError(
+                400,
+                f"The model `{spec.id}` failed to start: {failure.error}",
+                code="model_failed",
+                param="model",
+            )
+        token = request.headers.get(HF_TOKEN_HEADER)
+        secrets = {"HF_TOKEN": token} if token else None
         if stream:
-            return self._cold_stream(spec, path, body, dict(request.headers))
-        route = await self.controller.ensure_ready(spec)
+            return self._cold_stream(spec, path, body, dict(request.headers), secrets)
+        route = await self.controller.ensure_ready(spec, secrets)
         return await self.proxy.forward(route, path, body, request.headers, stream=False)
 
     def route_of(self, spec: ModelSpec) -> Route | None:
@@ -62,11 +75,13 @@ class OpenAIGateway:
             return Route(model=spec.id, base_url=spec.endpoint)
         return self.controller.routes.get(spec.id)
 
-    def _cold_stream(self, spec: ModelSpec, path: str, body: bytes, headers: dict[str, str]) -> Response:
+    def _cold_stream(
+        self, spec: ModelSpec, path: str, body: bytes, headers: dict[str, str], secrets: dict[str, str] | None
+    ) -> Response:
         """A streaming request for a model that is not ready: admit it now (503 if the queue is
         full), answer 200 at once and send `: loading` comment lines until the engine is up, so
         clients and proxies in between do not time out; then relay the engine's stream."""
-        task = self.controller.admit(spec)  # may raise 503 before the 200 is sent
+        task = self.controller.admit(spec, secrets)  # may raise 503 before the 200 is sent
 
         async def events() -> AsyncIterator[bytes]:
             try:

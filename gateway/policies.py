@@ -3,9 +3,12 @@ the actions they return and writes the events."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from croniter import croniter
 
 from state.machine import DeploymentState
 
@@ -25,6 +28,7 @@ class DeploymentView:
     last_used: datetime  # last request, or when it became ready if it has served none
     in_flight: int = 0
     gpus: int = 1
+    accelerators: tuple[str, ...] = ()  # GPU types of the cluster it runs on; () = unknown / local slots
 
 
 @dataclass(frozen=True)
@@ -74,3 +78,132 @@ def heartbeats_due(
         if last is None or (now - last).total_seconds() >= interval_seconds:
             due.append(view.deployment_id)
     return due
+
+
+# -- capacity takeover -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """A model that could not get GPUs and looks for a cluster to take over."""
+
+    model: str
+    priority: int
+    gpus: int
+    accelerators: tuple[str, ...] = ()  # allowed GPU types (any of); () = any
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """`victim` was evicted by `by` at `at` (remembered to prevent thrash)."""
+
+    victim: str
+    by: str
+    at: datetime
+
+
+def eligible_victim(
+    view: DeploymentView,
+    request: Request,
+    evictions: Sequence[Eviction],
+    now: datetime,
+    cooldown_seconds: float,
+) -> bool:
+    if view.state is not DeploymentState.READY or view.model == request.model:
+        return False
+    if view.priority >= request.priority or view.priority >= PINNED_PRIORITY:
+        return False
+    if view.gpus < request.gpus:
+        return False
+    if request.accelerators and view.accelerators and not set(request.accelerators) & set(view.accelerators):
+        return False
+    # No thrash: a model evicted by X cannot evict X back within the cooldown.
+    return not any(
+        e.victim == request.model and e.by == view.model and (now - e.at).total_seconds() < cooldown_seconds
+        for e in evictions
+    )
+
+
+def choose_victim(
+    views: Iterable[DeploymentView],
+    request: Request,
+    *,
+    evictions: Sequence[Eviction],
+    now: datetime,
+    cooldown_seconds: float,
+) -> DeploymentView | None:
+    """The ready deployment to hand over to `request`, or None. Among deployments of strictly
+    lower priority (never pinned ones) with compatible accelerators and enough GPUs, prefer: no
+    requests in flight, then the lowest priority, then least recently used, then the fewest
+    GPUs wasted."""
+    candidates = [v for v in views if eligible_victim(v, request, evictions, now, cooldown_seconds)]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda v: (v.in_flight > 0, v.priority, v.last_used, v.gpus - request.gpus))
+
+
+# -- schedules ------------------------------------------------------------------------------
+
+
+def cron_fired(expression: str, timezone: str, since: datetime, now: datetime) -> bool:
+    """Whether `expression`, read in `timezone`, has a firing time in (since, now].
+
+    Times are computed in the zone, so `0 23 * * *` is 23:00 local time on both sides of a
+    DST change."""
+    if now <= since:
+        return False
+    zone = ZoneInfo(timezone)
+    nxt = croniter(expression, since.astimezone(zone)).get_next(datetime)
+    return bool(nxt <= now.astimezone(zone))
+
+
+def next_firing(expression: str, timezone: str, after: datetime) -> datetime:
+    nxt: datetime = croniter(expression, after.astimezone(ZoneInfo(timezone))).get_next(datetime)
+    return nxt
+
+
+@dataclass(frozen=True)
+class Schedule:
+    cron: str
+    timezone: str
+    models: tuple[str, ...] = ()
+
+
+def after_hours_stops(
+    views: Iterable[DeploymentView], schedule: Schedule | None, since: datetime, now: datetime
+) -> list[StopAction]:
+    """At each firing of the after-hours schedule, every live deployment is stopped, pinned
+    ones included."""
+    if schedule is None or not cron_fired(schedule.cron, schedule.timezone, since, now):
+        return []
+    return [
+        StopAction(
+            deployment_id=v.deployment_id,
+            model=v.model,
+            kind="after-hours-stop",
+            reason=f"after hours ({schedule.cron} {schedule.timezone})",
+        )
+        for v in views
+        if v.state
+        in (
+            DeploymentState.PENDING,
+            DeploymentState.LAUNCHING,
+            DeploymentState.LOADING,
+            DeploymentState.READY,
+        )
+    ]
+
+
+def prewarm_due(schedules: Iterable[Schedule], since: datetime, now: datetime) -> list[str]:
+    """Models whose pre-warm schedule fired in (since, now], each once, in schedule order."""
+    due: list[str] = []
+    for schedule in schedules:
+        if cron_fired(schedule.cron, schedule.timezone, since, now):
+            due.extend(m for m in schedule.models if m not in due)
+    return due
+
+
+def expired_failures(failed_at: Mapping[str, datetime], now: datetime, ttl_seconds: float) -> list[str]:
+    """Failed-model memories older than the TTL."""
+    ttl = timedelta(seconds=ttl_seconds)
+    return [model for model, at in failed_at.items() if now - at >= ttl]

@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.activity import Activity
 from gateway.clock import Clock
-from gateway.controller import Route
+from gateway.deployments import Route
 from gateway.errors import GatewayError, bad_gateway, envelope
 from gateway.usage import UsageRecord, UsageRecorder
 

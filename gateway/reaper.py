@@ -1,38 +1,90 @@
 """The control loop: every few seconds, ask the policies what to do and do it.
 
 `tick(now)` is one round and is what tests call with a fake clock; `run()` loops forever and
-survives any exception of one tick."""
+survives any exception of one tick. Schedules (after hours, pre-warm) fire for cron instants in
+(previous tick, this tick], so a slow tick never skips one.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from datetime import datetime
+from typing import Any
 
 from gateway.controller import Controller
-from gateway.policies import StopAction, idle_stops
+from gateway.errors import GatewayError
+from gateway.policies import Schedule, StopAction, after_hours_stops, idle_stops, prewarm_due
+from gateway.settings import Settings
 from gateway.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
 
 
+def schedules_of(settings: Settings) -> tuple[Schedule | None, list[Schedule]]:
+    after = settings.after_hours
+    after_hours = Schedule(cron=after.cron, timezone=after.timezone) if after is not None else None
+    prewarm = [Schedule(cron=p.cron, timezone=p.timezone, models=tuple(p.models)) for p in settings.prewarm]
+    return after_hours, prewarm
+
+
 class Reaper:
-    def __init__(self, controller: Controller, usage: UsageRecorder, *, interval_seconds: float) -> None:
+    def __init__(self, controller: Controller, usage: UsageRecorder, settings: Settings) -> None:
         self.controller = controller
         self.usage = usage
-        self.interval_seconds = interval_seconds
+        self.interval_seconds = settings.reaper_interval_seconds
+        self.after_hours, self.prewarm = schedules_of(settings)
+        self.last_tick: datetime = controller.clock()
+        self._background: set[asyncio.Task[object]] = set()
 
     async def tick(self, now: datetime) -> list[StopAction]:
-        actions = idle_stops(self.controller.views(), now)
+        since, self.last_tick = self.last_tick, now
+        views = self.controller.views()
         applied = []
-        for action in actions:
-            if self.controller.stop_soon(action.model, kind=action.kind, reason=action.reason) is not None:
-                log.info("%s: %s (%s)", action.model, action.kind, action.reason)
-                applied.append(action)
+        after_hours = after_hours_stops(views, self.after_hours, since, now)
+        if after_hours:
+            log.info("after hours: stopping %d deployments", len(after_hours))
+            for action in after_hours:
+                self._spawn(self.controller.stop_model(action.model, kind=action.kind, reason=action.reason))
+            applied.extend(after_hours)
+        else:
+            for action in idle_stops(views, now):
+                if (
+                    self.controller.stop_soon(action.model, kind=action.kind, reason=action.reason)
+                    is not None
+                ):
+                    log.info("%s: %s (%s)", action.model, action.kind, action.reason)
+                    applied.append(action)
+        for model in prewarm_due(self.prewarm, since, now):
+            self._spawn(self._prewarm(model))
+        self.controller.expire_failures(now)
         await self.controller.heartbeat_due(now)
         await asyncio.to_thread(self.controller.flush_activity)
         await self.usage.flush()
         return applied
+
+    async def _prewarm(self, model: str) -> None:
+        spec = self.controller.catalog.resolve(model)
+        if spec is None or spec.external:
+            log.warning("pre-warm: %s is not a model the gateway can start", model)
+            return
+        log.info("pre-warm: loading %s", model)
+        self.controller.store.record_event(kind="prewarm", model=model, message="scheduled pre-warm")
+        try:
+            await self.controller.ensure_ready(spec)
+        except GatewayError as exc:
+            log.warning("pre-warm of %s failed: %s", model, exc.message)
+
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def settle(self) -> None:
+        """Wait for the stops and pre-warms started by earlier ticks (for tests and shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
 
     async def run(self) -> None:
         while True:

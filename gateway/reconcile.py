@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 
-from gateway.controller import Controller, ref_from_json
+from gateway.controller import Controller
+from gateway.deployments import ref_from_json
 from gateway.reference import Catalog
 from state import DeploymentState
 from tasks.provider import ClusterInfo, ClusterRef, ProviderError

@@ -113,17 +113,61 @@ def load_reference(path: Path) -> dict[str, ModelSpec]:
     return parse_reference(data, source=str(path), base_dir=path.resolve().parent)
 
 
-class Catalog:
-    """The models the gateway serves: the reference file, plus unlisted ids when allowed."""
+# Fields an admin may override at run time (kept across reloads of the reference file).
+OVERRIDABLE = frozenset({"priority", "keep_hot_seconds"})
 
-    def __init__(self, specs: dict[str, ModelSpec], *, allow_unlisted: bool = False) -> None:
-        self.specs = specs
+
+class Catalog:
+    """The models the gateway serves: the reference file with admin overrides applied, plus
+    unlisted ids when allowed. `specs` is rebuilt on change, so lookups stay dict reads."""
+
+    def __init__(
+        self,
+        specs: dict[str, ModelSpec],
+        *,
+        allow_unlisted: bool = False,
+        overrides: dict[str, dict[str, object]] | None = None,
+    ) -> None:
         self.allow_unlisted = allow_unlisted
+        self.reference = specs  # as in the file
+        self.overrides: dict[str, dict[str, object]] = {k: dict(v) for k, v in (overrides or {}).items()}
+        self.specs: dict[str, ModelSpec] = {}
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        self.specs = {mid: self._apply(spec) for mid, spec in self.reference.items()}
+
+    def _apply(self, spec: ModelSpec) -> ModelSpec:
+        changes = self.overrides.get(spec.id)
+        return spec.model_copy(update=changes) if changes else spec
 
     def resolve(self, model_id: str) -> ModelSpec | None:
         spec = self.specs.get(model_id)
         if spec is not None:
             return spec
         if self.allow_unlisted and valid_model_id(model_id):
-            return ModelSpec(id=model_id)
+            return self._apply(ModelSpec(id=model_id))
         return None
+
+    def set_override(self, model_id: str, **fields: object) -> None:
+        """Set (or, with None, clear) overridable fields of a model."""
+        unknown = set(fields) - OVERRIDABLE
+        if unknown:
+            raise ValueError(f"not overridable: {', '.join(sorted(unknown))}")
+        current = self.overrides.setdefault(model_id, {})
+        for key, value in fields.items():
+            if value is None:
+                current.pop(key, None)
+            else:
+                current[key] = value
+        if not current:
+            del self.overrides[model_id]
+        self._rebuild()
+
+    def load_overrides(self, overrides: dict[str, dict[str, object]]) -> None:
+        self.overrides = {k: dict(v) for k, v in overrides.items()}
+        self._rebuild()
+
+    def replace_reference(self, specs: dict[str, ModelSpec]) -> None:
+        self.reference = specs
+        self._rebuild()

@@ -79,6 +79,32 @@ class SkyPilotSettings(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every cluster.")
 
 
+class ScheduleSettings(BaseModel):
+    cron: str = Field(description="Cron expression, read in `timezone`.")
+    timezone: str = "America/Chicago"
+    models: list[str] = Field(default_factory=list, description="Models to load (pre-warm only).")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        from croniter import croniter
+
+        if not croniter.is_valid(v):
+            raise ValueError(f"invalid cron expression {v!r}")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {v!r}") from exc
+        return v
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMGW_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -103,6 +129,22 @@ class Settings(BaseSettings):
         2.0, gt=0, description="Interval of `: loading` SSE comments sent to waiting streams."
     )
     log_level: str = "INFO"
+    failed_model_ttl_seconds: float = Field(
+        600.0, ge=0, description="How long a model whose engine failed to start is answered with 400."
+    )
+    eviction_cooldown_seconds: float = Field(
+        600.0, ge=0, description="A model evicted by X cannot evict X back within this time."
+    )
+    drain_seconds: float = Field(
+        30.0, ge=0, description="Requests in flight get this long before a forced stop."
+    )
+    after_hours: ScheduleSettings | None = Field(
+        default_factory=lambda: ScheduleSettings(cron="0 23 * * *", timezone="America/Chicago"),
+        description="At each firing every deployment is stopped, pinned ones included; null turns it off.",
+    )
+    prewarm: list[ScheduleSettings] = Field(
+        default_factory=list, description="Schedules that load models before people arrive."
+    )
     reconcile_unknown: Literal["down", "adopt"] = Field(
         "down",
         description="At startup, what to do with a cluster carrying our label that the store does not know.",

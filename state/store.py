@@ -80,6 +80,28 @@ class Store:
                     row.last_used_at = at
             s.commit()
 
+    def set_overrides(self, model_id: str, *, priority: int | None, keep_hot_seconds: float | None) -> None:
+        with Session(self.engine) as s:
+            row = s.get(ModelRecord, model_id) or ModelRecord(id=model_id)
+            row.priority_override = priority
+            row.keep_hot_override = keep_hot_seconds
+            s.add(row)
+            s.commit()
+
+    def overrides(self) -> dict[str, dict[str, object]]:
+        """Admin overrides by model, in the reference file's field names."""
+        out: dict[str, dict[str, object]] = {}
+        with Session(self.engine) as s:
+            for row in s.exec(select(ModelRecord)):
+                fields: dict[str, object] = {
+                    "priority": row.priority_override,
+                    "keep_hot_seconds": row.keep_hot_override,
+                }
+                kept = {k: v for k, v in fields.items() if v is not None}
+                if kept:
+                    out[row.id] = kept
+        return out
+
     def get_model(self, model_id: str) -> ModelRecord | None:
         with Session(self.engine) as s:
             return s.get(ModelRecord, model_id)

@@ -50,6 +50,9 @@ class ModelRecord(SQLModel, table=True):
     priority: int = 0
     kind: str = "chat"
     last_used_at: datetime | None = _ts()
+    # Set by admins, kept across restarts and reloads of the reference file; None = the file's value.
+    priority_override: int | None = None
+    keep_hot_override: float | None = None
 
 
 class Deployment(SQLModel, table=True):

@@ -42,6 +42,7 @@ def make_settings(tmp_path: Path, models: dict[str, Any] | None = None, **overri
         "model_reference": write_reference(tmp_path, models),
         "local": {"gpu_ids": ["0"]},
         "reaper_interval_seconds": 3600,  # tests call tick() themselves
+        "after_hours": None,  # tests that want it set it
     }
     values.update(overrides)
     return Settings(**values)
