@@ -18,7 +18,7 @@ engine:
 
 # Starts the gateway on 127.0.0.1:8000 with the local provider; tiny-llama starts on first request.
 run: venv engine
-	$(BIN)/llm-gateway serve
+	$(BIN)/llm-gateway serve --dev
 
 lint: venv
 	$(BIN)/ruff check .

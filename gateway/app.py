@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from gateway import __version__
 from gateway.activity import Activity
+from gateway.admin_api import admin_router
 from gateway.clock import Clock, system_clock
 from gateway.controller import Controller
 from gateway.errors import install_error_handlers
@@ -144,6 +145,11 @@ def create_app(
         openapi_tags=[
             {"name": "OpenAI", "description": "OpenAI-compatible API; engines start on demand."},
             {"name": "Gateway", "description": "Health and model list."},
+            {
+                "name": "Admin",
+                "description": "Load, unload, prioritise and inspect models. "
+                "Bearer token: the gateway's `admin_token` (Authorize button).",
+            },
         ],
     )
     app.state.settings = settings
@@ -155,6 +161,7 @@ def create_app(
     install_error_handlers(app)
 
     app.include_router(openai_router(gateway))
+    app.include_router(admin_router(settings=settings, catalog=catalog, controller=controller, store=store))
 
     @app.get(
         "/health",

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import uvicorn
+from pydantic import SecretStr
 
 from gateway.reference import ReferenceError
 from gateway.settings import ConfigFileError, load_settings
@@ -32,6 +34,10 @@ def serve(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")] = None,
     host: Annotated[str | None, typer.Option(help="Listen address (overrides settings).")] = None,
     port: Annotated[int | None, typer.Option(help="Listen port (overrides settings).")] = None,
+    dev: Annotated[
+        bool,
+        typer.Option("--dev", help="Development: without an admin_token, generate one and print it once."),
+    ] = False,
 ) -> None:
     """Start the gateway (settings: defaults < --config file < LLMGW_* environment < flags)."""
     from gateway.app import ProviderUnavailable, create_app
@@ -42,6 +48,18 @@ def serve(
     except (ConfigFileError, ValueError) as exc:
         typer.echo(f"llm-gateway: invalid settings: {exc}", err=True)
         raise typer.Exit(2) from exc
+    if settings.admin_token is None:
+        if not dev:
+            typer.echo(
+                "llm-gateway: admin_token is not set (LLMGW_ADMIN_TOKEN or `admin_token:` in the config); "
+                "refusing to start. Use --dev to generate one for development.",
+                err=True,
+            )
+            raise typer.Exit(2)
+        generated = secrets.token_urlsafe(24)
+        settings = settings.model_copy(update={"admin_token": SecretStr(generated)})
+        # Printed once, to the terminal only (not through logging): it is needed for /admin.
+        typer.echo(f"llm-gateway --dev: admin token for this run: {generated}", err=True)
     setup_logging(settings.log_level)
     try:
         application = create_app(settings)

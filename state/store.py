@@ -194,14 +194,27 @@ class Store:
             )
             s.commit()
 
-    def events(self, *, model: str | None = None, kind: str | None = None, limit: int = 1000) -> list[Event]:
+    def events(
+        self,
+        *,
+        model: str | None = None,
+        kind: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[Event]:
+        """Events in time order, oldest first (the newest `limit` of them)."""
         with Session(self.engine) as s:
-            q = select(Event).order_by(col(Event.id)).limit(limit)
+            q = select(Event).order_by(col(Event.id).desc()).limit(limit)
             if model is not None:
                 q = q.where(col(Event.model) == model)
             if kind is not None:
                 q = q.where(col(Event.kind) == kind)
-            return list(s.exec(q))
+            if since is not None:
+                q = q.where(col(Event.at) >= since)
+            if until is not None:
+                q = q.where(col(Event.at) < until)
+            return list(reversed(list(s.exec(q))))
 
     def add_usage(self, rows: Iterable[Usage]) -> int:
         batch = list(rows)

@@ -29,7 +29,11 @@ def stub_url() -> Iterator[str]:
         yield url
 
 
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
 def write_reference(tmp_path: Path, models: dict[str, Any]) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "model_reference.json"
     path.write_text(json.dumps(models))
     return path
@@ -43,6 +47,7 @@ def make_settings(tmp_path: Path, models: dict[str, Any] | None = None, **overri
         "local": {"gpu_ids": ["0"]},
         "reaper_interval_seconds": 3600,  # tests call tick() themselves
         "after_hours": None,  # tests that want it set it
+        "admin_token": ADMIN_TOKEN,
     }
     values.update(overrides)
     return Settings(**values)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from tasks.provider import ClusterInfo, ClusterRef, Endpoint, LaunchSpec, ProviderError
+from tasks.provider import CapacityError, ClusterInfo, ClusterRef, Endpoint, LaunchSpec, ProviderError
 
 
 @dataclass
@@ -23,6 +23,8 @@ class FakeProvider:
     adopt_on_restart: bool = False
     heartbeat_interval_seconds: float | None = None
     healthy: bool = True  # what probe() answers for running engines
+    capacity_gpus: int | None = None  # launches past this many GPUs in use raise CapacityError
+    accelerators: tuple[str, ...] = ()  # GPU types of the "clusters" it launches
     launches: list[LaunchSpec] = field(default_factory=list)
     stops: list[ClusterRef] = field(default_factory=list)
     swaps: list[tuple[ClusterRef, LaunchSpec]] = field(default_factory=list)
@@ -34,12 +36,19 @@ class FakeProvider:
         await asyncio.sleep(self.launch_delay)
         if self.launch_error is not None:
             raise self.launch_error
+        in_use = sum(ref.gpus for ref in self.running.values())
+        if self.capacity_gpus is not None and in_use + spec.gpus > self.capacity_gpus:
+            raise CapacityError(f"{in_use} of {self.capacity_gpus} GPUs in use", tried=("fake-region",))
+        return self._start(spec, f"fake-{spec.deployment_id}", spec.gpus)
+
+    def _start(self, spec: LaunchSpec, name: str, gpus: int) -> ClusterRef:
+        accel = {k: gpus for k in self.accelerators}
         ref = ClusterRef(
             provider=self.name,
-            name=f"fake-{spec.deployment_id}",
+            name=name,
             deployment_id=spec.deployment_id,
-            gpus=spec.gpus,
-            data={"model": spec.model},
+            gpus=gpus,
+            data={"model": spec.model, "accelerators": accel},
         )
         self.running[spec.deployment_id] = ref
         return ref
@@ -54,8 +63,8 @@ class FakeProvider:
 
     async def swap(self, ref: ClusterRef, spec: LaunchSpec) -> ClusterRef:
         self.swaps.append((ref, spec))
-        await self.stop(ref)
-        return await self.launch(spec)
+        self.running.pop(ref.deployment_id, None)
+        return self._start(spec, ref.name, ref.gpus)  # same cluster, same GPUs
 
     async def probe(self, ref: ClusterRef) -> Endpoint | None:
         return (

@@ -19,6 +19,7 @@ import yaml
 
 from state import Store
 from tasks.procs import group_members
+from tests.conftest import ADMIN_TOKEN
 from tests.stub_upstream import free_port
 
 ROOT = Path(__file__).parents[2]
@@ -81,6 +82,8 @@ def start_gateway(tmp_path: Path, **settings: Any) -> GatewayProcess:
     reference.write_text(json.dumps(shipped))
     config: dict[str, Any] = {
         "port": port,
+        "admin_token": ADMIN_TOKEN,
+        "after_hours": None,
         "data_dir": str(data),
         "model_reference": str(reference),
         "local": {
