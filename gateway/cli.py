@@ -11,6 +11,7 @@ import typer
 import uvicorn
 from pydantic import SecretStr
 
+from gateway.admin_cli import admin
 from gateway.reference import ReferenceError
 from gateway.settings import ConfigFileError, load_settings
 
@@ -90,6 +91,9 @@ def check(
         typer.echo(f"llm-gateway: {exc}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(f"{settings.model_reference}: {len(specs)} models OK")
+
+
+app.add_typer(admin, name="admin")
 
 
 def main() -> None:

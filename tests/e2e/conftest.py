@@ -71,7 +71,8 @@ class GatewayProcess:
             os.killpg(pgid, signal.SIGKILL)
 
 
-def start_gateway(tmp_path: Path, **settings: Any) -> GatewayProcess:
+def start_gateway(tmp_path: Path, models: dict[str, Any] | None = None, **settings: Any) -> GatewayProcess:
+    """`models`: extra reference entries; each defaults to the tiny model's settings."""
     if not ENGINE.exists() or not (TINY_MODEL / ".complete").exists():
         pytest.fail("the engine is not built: run `make engine`")
     port = free_port()
@@ -79,6 +80,8 @@ def start_gateway(tmp_path: Path, **settings: Any) -> GatewayProcess:
     reference = tmp_path / "model_reference.json"
     shipped = json.loads((ROOT / "model_reference.json").read_text())
     shipped["tiny-llama"]["path"] = str(TINY_MODEL)
+    for model_id, entry in (models or {}).items():
+        shipped[model_id] = {**shipped["tiny-llama"], **entry}
     reference.write_text(json.dumps(shipped))
     config: dict[str, Any] = {
         "port": port,

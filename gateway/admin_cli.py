@@ -1,0 +1,184 @@
+"""`llm-gateway admin ...`: the admin API from a terminal. Lists print as tables (`--json` for
+the raw answer). The token comes from `--token` or LLMGW_ADMIN_TOKEN."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import httpx
+import typer
+
+admin = typer.Typer(help="Steer a running gateway through its admin API.", no_args_is_help=True)
+
+MODEL_COLUMNS = [
+    "id",
+    "state",
+    "priority",
+    "keep_hot_seconds",
+    "gpus_per_replica",
+    "in_flight",
+    "waiting",
+    "failure",
+]
+
+
+class Target:
+    def __init__(self, url: str, token: str, as_json: bool) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.as_json = as_json
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        try:
+            response = httpx.request(method, f"{self.url}{path}", headers=headers, timeout=None, **kwargs)
+        except httpx.HTTPError as exc:
+            typer.echo(f"llm-gateway admin: cannot reach {self.url}: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        if response.status_code >= 400:
+            try:
+                message = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text
+            typer.echo(f"llm-gateway admin: {response.status_code}: {message}", err=True)
+            raise typer.Exit(1)
+        return response.json()
+
+    def show(self, data: Any, columns: list[str] | None = None) -> None:
+        if self.as_json or columns is None or not isinstance(data, list):
+            typer.echo(json.dumps(data, indent=2))
+        else:
+            typer.echo(table(data, columns))
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines) if rows else lines[0] + "\n(none)"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _model_path(model: str) -> str:
+    return quote(model, safe="/")
+
+
+@admin.callback()
+def connect(
+    ctx: typer.Context,
+    url: Annotated[
+        str, typer.Option(envvar="LLMGW_URL", help="The gateway's base URL.")
+    ] = "http://127.0.0.1:8000",
+    token: Annotated[str, typer.Option(envvar="LLMGW_ADMIN_TOKEN", help="Admin bearer token.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer.")] = False,
+) -> None:
+    if not token:
+        typer.echo("llm-gateway admin: give --token or set LLMGW_ADMIN_TOKEN", err=True)
+        raise typer.Exit(2)
+    ctx.obj = Target(url, token, as_json)
+
+
+@admin.command("models")
+def models(ctx: typer.Context) -> None:
+    """List models with their state."""
+    target: Target = ctx.obj
+    target.show(target.call("GET", "/admin/models"), MODEL_COLUMNS)
+
+
+@admin.command("model")
+def model(ctx: typer.Context, model_id: str) -> None:
+    """Show one model."""
+    ctx.obj.show(ctx.obj.call("GET", f"/admin/models/{_model_path(model_id)}"))
+
+
+@admin.command("load")
+def load(
+    ctx: typer.Context, model_id: str, wait: Annotated[bool, typer.Option(help="Wait until ready.")] = False
+) -> None:
+    """Start a model's engine (pre-warm)."""
+    ctx.obj.show(ctx.obj.call("POST", f"/admin/models/{_model_path(model_id)}/load", params={"wait": wait}))
+
+
+@admin.command("unload")
+def unload(ctx: typer.Context, model_id: str) -> None:
+    """Stop a model's engine."""
+    ctx.obj.show(ctx.obj.call("POST", f"/admin/models/{_model_path(model_id)}/unload"))
+
+
+@admin.command("set")
+def set_model(
+    ctx: typer.Context,
+    model_id: str,
+    priority: Annotated[int | None, typer.Option(help="New priority (>= 2 is pinned).")] = None,
+    keep_hot: Annotated[float | None, typer.Option(help="New keep-hot time in seconds.")] = None,
+    reset: Annotated[bool, typer.Option(help="Clear both overrides (back to the reference file).")] = False,
+) -> None:
+    """Change a model's priority or keep-hot time."""
+    body: dict[str, Any] = {"priority": None, "keep_hot_seconds": None} if reset else {}
+    if priority is not None:
+        body["priority"] = priority
+    if keep_hot is not None:
+        body["keep_hot_seconds"] = keep_hot
+    ctx.obj.show(ctx.obj.call("PATCH", f"/admin/models/{_model_path(model_id)}", json=body))
+
+
+@admin.command("info")
+def info(ctx: typer.Context) -> None:
+    """Version, provider, GPUs in use, settings (secrets masked)."""
+    ctx.obj.show(ctx.obj.call("GET", "/admin/info"))
+
+
+@admin.command("clusters")
+def clusters(ctx: typer.Context) -> None:
+    """The provider's engines (like `sky status`)."""
+    ctx.obj.show(ctx.obj.call("GET", "/admin/clusters"), ["name", "status", "model", "deployment_id"])
+
+
+@admin.command("events")
+def events(
+    ctx: typer.Context,
+    model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only this kind (launch, idle-stop, ...).")] = None,
+    since: Annotated[str | None, typer.Option(help="ISO time, inclusive.")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO time, exclusive.")] = None,
+    limit: int = 100,
+) -> None:
+    """Control decisions and why they were taken."""
+    params = {k: v for k, v in {"model": model, "kind": kind, "since": since, "until": until}.items() if v}
+    rows = ctx.obj.call("GET", "/admin/events", params={**params, "limit": limit})
+    ctx.obj.show(rows, ["at", "kind", "model", "message"])
+
+
+@admin.command("failures")
+def failures(ctx: typer.Context) -> None:
+    """Models whose engine failed to start."""
+    ctx.obj.show(ctx.obj.call("GET", "/admin/failures"), ["model", "at", "error"])
+
+
+@admin.command("reset-failure")
+def reset_failure(ctx: typer.Context, model_id: Annotated[str | None, typer.Argument()] = None) -> None:
+    """Forget one model's failure, or all of them."""
+    path = f"/admin/failures/{_model_path(model_id)}" if model_id else "/admin/failures"
+    ctx.obj.show(ctx.obj.call("DELETE", path))
+
+
+@admin.command("reload")
+def reload(ctx: typer.Context) -> None:
+    """Reload the model reference file (the old one stays if the new one is invalid)."""
+    ctx.obj.show(ctx.obj.call("POST", "/admin/reload"))
+
+
+@admin.command("reset")
+def reset(ctx: typer.Context) -> None:
+    """Unload every model and forget every failure."""
+    ctx.obj.show(ctx.obj.call("POST", "/admin/reset"))
