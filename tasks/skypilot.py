@@ -56,8 +56,12 @@ def regions_tried(exc: BaseException) -> tuple[str, ...]:
     """The regions (or zones) a failed launch tried, from `failover_history`."""
     tried: list[str] = []
     for entry in getattr(exc, "failover_history", None) or []:
+        # SkyPilot 0.14 says "Failed to acquire resources in all zones in us-west-2 for ...";
+        # the entries carry no region attribute.
         text = str(entry)
-        found = re.findall(r"\b[a-z]{2,}(?:-[a-z]+)+-\d[a-z]?\b", text)  # us-east-1, europe-west4-a
+        found = re.findall(r" in all zones in ([a-z0-9-]+)", text) or re.findall(
+            r"\b[a-z]{2,}(?:-[a-z]+)+-\d\b", text
+        )
         for region in found or [text[:120]]:
             if region not in tried:
                 tried.append(region)
@@ -74,8 +78,11 @@ def map_error(exc: BaseException, what: str) -> ProviderError:
     return ProviderError(f"{what}: {type(exc).__name__}: {_first_line(exc)}")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = _ANSI.sub("", str(exc)).strip()
     return text.splitlines()[0][:500] if text else type(exc).__name__
 
 
