@@ -7,20 +7,28 @@ Model ids contain `/`, so model path parameters use the `path` converter:
 from __future__ import annotations
 
 import secrets
-from datetime import datetime
-from typing import Annotated, Any
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Response
+from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import __version__
 from gateway.admin_views import cluster_rows, event_rows, model_status, settings_view
 from gateway.controller import Controller
+from gateway.costs import GroupBy, columns, spans_of, summarize, to_csv
 from gateway.errors import GatewayError, model_not_found
 from gateway.reference import Catalog, ModelSpec, ReferenceError, load_reference
 from gateway.settings import Settings
 from state import Store
+
+
+def _aware(at: datetime | None) -> datetime | None:
+    """Query times without a zone are UTC."""
+    return at.replace(tzinfo=UTC) if at is not None and at.tzinfo is None else at
+
 
 bearer = HTTPBearer(auto_error=False, description="The gateway's `admin_token`.")
 
@@ -240,6 +248,58 @@ def admin_router(*, settings: Settings, catalog: Catalog, controller: Controller
         limit: Annotated[int, Query(ge=1, le=10000)] = 500,
     ) -> list[dict[str, Any]]:
         return event_rows(store.events(model=model, kind=kind, since=since, until=until, limit=limit))
+
+    @router.get(
+        "/costs",
+        summary="Costs",
+        description="GPU cost from the ledger, grouped by model, UTC day, cluster or phase, with the dollars "
+        "of each phase: cold (launching and loading), serving, idle (kept hot without traffic) and failed "
+        "(launches that never became ready). `format=csv` answers CSV. Default range: the last 7 days.",
+        responses={
+            200: {
+                "content": {
+                    "application/json": {
+                        "example": [
+                            {
+                                "model": "tiny-llama",
+                                "dollars": 1.25,
+                                "gpu_hours": 1.25,
+                                "cold_dollars": 0.1,
+                                "serving_dollars": 0.9,
+                                "idle_dollars": 0.25,
+                                "failed_dollars": 0.0,
+                            }
+                        ]
+                    },
+                    "text/csv": {
+                        "example": "model,dollars,gpu_hours,cold_dollars,serving_dollars,idle_dollars,"
+                        "failed_dollars\ntiny-llama,1.25,1.25,0.1,0.9,0.25,0.0\n"
+                    },
+                }
+            }
+        },
+    )
+    async def costs(
+        since: datetime | None = None,
+        until: datetime | None = None,
+        group_by: GroupBy = "model",
+        format: Annotated[Literal["json", "csv"], Query(description="json or csv")] = "json",
+    ) -> Any:
+        now = controller.clock()
+        until = _aware(until) or now
+        since = _aware(since) or until - timedelta(days=7)
+        if since >= until:
+            raise GatewayError(400, "`since` must be before `until`.", code="invalid_request", param="since")
+        rows = summarize(
+            spans_of(store.intervals(since=since, until=until)),
+            since=since,
+            until=until,
+            now=now,
+            group_by=group_by,
+        )
+        if format == "csv":
+            return PlainTextResponse(to_csv(rows, columns(group_by)), media_type="text/csv")
+        return rows
 
     @router.get(
         "/failures",

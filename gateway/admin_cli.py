@@ -30,7 +30,7 @@ class Target:
         self.token = token
         self.as_json = as_json
 
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def call(self, method: str, path: str, *, raw: bool = False, **kwargs: Any) -> Any:
         headers = {"Authorization": f"Bearer {self.token}"}
         try:
             response = httpx.request(method, f"{self.url}{path}", headers=headers, timeout=None, **kwargs)
@@ -44,7 +44,7 @@ class Target:
                 message = response.text
             typer.echo(f"llm-gateway admin: {response.status_code}: {message}", err=True)
             raise typer.Exit(1)
-        return response.json()
+        return response.text if raw else response.json()
 
     def show(self, data: Any, columns: list[str] | None = None) -> None:
         if self.as_json or columns is None or not isinstance(data, list):
@@ -157,6 +157,33 @@ def events(
     params = {k: v for k, v in {"model": model, "kind": kind, "since": since, "until": until}.items() if v}
     rows = ctx.obj.call("GET", "/admin/events", params={**params, "limit": limit})
     ctx.obj.show(rows, ["at", "kind", "model", "message"])
+
+
+@admin.command("costs")
+def costs(
+    ctx: typer.Context,
+    group_by: Annotated[str, typer.Option(help="model, day, cluster or phase.")] = "model",
+    since: Annotated[str | None, typer.Option(help="ISO time (default: 7 days before until).")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO time (default: now).")] = None,
+    csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+) -> None:
+    """GPU cost by model, day, cluster or phase, split into cold, serving, idle and failed."""
+    target: Target = ctx.obj
+    params = {k: v for k, v in {"group_by": group_by, "since": since, "until": until}.items() if v}
+    if csv:
+        typer.echo(target.call("GET", "/admin/costs", params={**params, "format": "csv"}, raw=True), nl=False)
+        return
+    rows = target.call("GET", "/admin/costs", params=params)
+    columns = [
+        group_by,
+        "dollars",
+        "gpu_hours",
+        "cold_dollars",
+        "serving_dollars",
+        "idle_dollars",
+        "failed_dollars",
+    ]
+    target.show(rows, columns)
 
 
 @admin.command("failures")

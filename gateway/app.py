@@ -11,13 +11,18 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import __version__
 from gateway.activity import Activity
 from gateway.admin_api import admin_router
 from gateway.clock import Clock, system_clock
 from gateway.controller import Controller
+from gateway.costs import spans_of, totals
 from gateway.errors import install_error_handlers
+from gateway.ledger import Ledger, PriceBook
+from gateway.metrics import Metrics, StateCollector
 from gateway.openai_api import OpenAIGateway, openai_router
 from gateway.proxy import Proxy, new_http_client
 from gateway.reaper import Reaper
@@ -91,6 +96,13 @@ class ProviderUnavailable(ValueError):
     pass
 
 
+def price_book(settings: Settings, provider: str) -> PriceBook:
+    costs = settings.costs
+    if provider == "local":
+        return PriceBook(per_gpu_hour={}, default_gpu_hour=costs.local_gpu_hour)
+    return PriceBook(per_gpu_hour=costs.gpu_hour, default_gpu_hour=costs.default_gpu_hour)
+
+
 def create_app(
     settings: Settings,
     provider: Provider | None = None,
@@ -100,15 +112,27 @@ def create_app(
     catalog = Catalog(load_reference(settings.model_reference), allow_unlisted=settings.allow_unlisted_models)
     provider = provider or build_provider(settings)
     store = Store(settings.resolved_database_url)
+    metrics = Metrics()
     activity = Activity()
-    usage = UsageRecorder(store)
+    usage = UsageRecorder(store, metrics)
+    ledger = Ledger(store, price_book(settings, provider.name), provider=provider.name)
     controller = Controller(
-        settings=settings, provider=provider, store=store, clock=clock, activity=activity, catalog=catalog
+        settings=settings,
+        provider=provider,
+        store=store,
+        clock=clock,
+        activity=activity,
+        catalog=catalog,
+        ledger=ledger,
+        metrics=metrics,
     )
     reaper = Reaper(controller, usage, settings)
     client = http_client or new_http_client(settings.upstream_timeout_seconds)
     gateway = OpenAIGateway(
-        settings=settings, catalog=catalog, controller=controller, proxy=Proxy(client, activity, usage, clock)
+        settings=settings,
+        catalog=catalog,
+        controller=controller,
+        proxy=Proxy(client, activity, usage, clock, metrics),
     )
 
     @contextlib.asynccontextmanager
@@ -162,6 +186,32 @@ def create_app(
 
     app.include_router(openai_router(gateway))
     app.include_router(admin_router(settings=settings, catalog=catalog, controller=controller, store=store))
+
+    def scrape_state() -> dict[str, Any]:
+        views = controller.views()
+        by_state: dict[str, int] = {}
+        for view in views:
+            by_state[view.state.value] = by_state.get(view.state.value, 0) + 1
+        return {
+            "deployments": by_state,
+            "gpus_in_use": sum(v.gpus for v in views),
+            "waiting": controller.waiting_all(),
+            "costs": totals(spans_of(store.intervals()), now=clock()),
+        }
+
+    metrics.add_collector(StateCollector(scrape_state))
+
+    @app.get(
+        "/metrics",
+        tags=["Gateway"],
+        summary="Prometheus metrics",
+        description="Requests, latency (and the gateway's own overhead), cold-start phases, deployments, "
+        "GPUs in use, waiting requests, tokens, and cost in dollars and GPU-seconds by model and phase.",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"example": "llmgw_gpus_in_use 1.0\n"}}}},
+    )
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get(
         "/health",

@@ -20,6 +20,8 @@ from gateway.activity import Activity
 from gateway.clock import Clock
 from gateway.deployments import Failure, LiveDeployment, Route, ref_json
 from gateway.errors import GatewayError, bad_gateway, unavailable
+from gateway.ledger import Ledger
+from gateway.metrics import Metrics
 from gateway.policies import (
     DeploymentView,
     Eviction,
@@ -52,6 +54,8 @@ class Controller:
         clock: Clock,
         activity: Activity,
         catalog: Catalog,
+        ledger: Ledger,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.provider = provider
@@ -59,6 +63,8 @@ class Controller:
         self.clock = clock
         self.activity = activity
         self.catalog = catalog
+        self.ledger = ledger
+        self.metrics = metrics
         self.routes: dict[str, Route] = {}
         self.failures: dict[str, Failure] = {}
         self._live: dict[str, LiveDeployment] = {}  # by model: at most one live deployment per model
@@ -76,6 +82,9 @@ class Controller:
 
     def waiting(self, model: str) -> int:
         return self._waiting.get(model, 0)
+
+    def waiting_all(self) -> dict[str, int]:
+        return dict(self._waiting)
 
     def live(self, model: str) -> LiveDeployment | None:
         return self._live.get(model)
@@ -195,11 +204,13 @@ class Controller:
         timeout = self.settings.cold_start_timeout_seconds
         try:
             async with asyncio.timeout(timeout):
+                self._hold(live, None)  # priced from the settings until the provider says more
                 self._move(live, S.LAUNCHING)
                 try:
                     live.ref = await self.provider.launch(launch_spec)
                 except CapacityError as exc:
                     live.ref = await self._take_over(live, launch_spec, exc)
+                self._hold(live, live.ref)
                 self._heartbeats[dep_id] = self.clock()  # the launch armed the failsafe
                 self.store.update_deployment(dep_id, cluster=live.ref.name, handle=ref_json(live.ref))
                 self._move(live, S.LOADING)
@@ -213,6 +224,7 @@ class Controller:
             ) from None
         except CapacityError as exc:
             await self._fail(live, f"no capacity: {exc}", remember=False)
+            self.ledger.discard(dep_id)  # no GPUs were ever held
             raise unavailable(
                 f"No GPU capacity for {model}: {exc}",
                 code="capacity_unavailable",
@@ -232,6 +244,7 @@ class Controller:
         now = self.clock()
         live.ready_at = now
         self._move(live, S.READY, endpoint=endpoint.base_url)
+        self._observe_cold_start(dep_id, model)
         self.activity.touch(model, now)
         route = Route(model=model, base_url=endpoint.base_url, deployment_id=dep_id)
         self.routes[model] = route
@@ -296,6 +309,10 @@ class Controller:
         self._move(target, S.STOPPING)
         self._move(target, S.STOPPED)
         self._forget(target)
+        # The requester's cost starts now, on the victim's cluster: before, it held nothing.
+        self.ledger.discard(live.deployment_id)
+        self._hold(live, ref)
+        self.ledger.state(live.deployment_id, spec.id, S.LAUNCHING, self.clock())
         self._evictions = [
             e
             for e in self._evictions
@@ -395,6 +412,7 @@ class Controller:
     ) -> None:
         """Take back a healthy engine an earlier gateway process left running: route to it."""
         live = LiveDeployment(deployment_id=dep.id, spec=spec, state=DeploymentState(dep.state), ref=ref)
+        self._resume_ledger(live)
         for step in (S.LAUNCHING, S.LOADING, S.READY):  # walk the state machine up to ready
             if live.state is not S.READY and step in ALLOWED[live.state]:
                 self._move(live, step, **({"endpoint": endpoint.base_url} if step is S.READY else {}))
@@ -407,16 +425,36 @@ class Controller:
         self.store.update_deployment(dep.id, cluster=ref.name, handle=ref_json(ref))
         self._event("reconciled", live, reason)
 
-    def close_stale(self, dep: Deployment, message: str) -> None:
-        """Mark a deployment of an earlier gateway process stopped, with an event saying why."""
+    def close_stale(self, dep: Deployment, message: str, *, cost_until: datetime | None = None) -> None:
+        """Mark a deployment of an earlier gateway process stopped, with an event saying why.
+        Its open cost interval ends at `cost_until` (default: now, when its engine was stopped)."""
         state = DeploymentState(dep.state)
         if state is not S.STOPPING:
             self.store.transition(dep.id, expected=state, new=S.STOPPING, at=self.clock())
         self.store.transition(dep.id, expected=S.STOPPING, new=S.STOPPED, at=self.clock())
+        self.store.close_interval(dep.id, at=cost_until or self.clock())
         self.store.record_event(
             kind="reconciled", model=dep.model, deployment_id=dep.id, message=message, at=self.clock()
         )
         log.info("deployment %s of %s: %s", dep.id, dep.model, message)
+
+    def _resume_ledger(self, live: LiveDeployment) -> None:
+        """An adopted deployment keeps its open cost interval (the cluster billed all along)."""
+        for interval in self.store.open_intervals():
+            if interval.deployment_id == live.deployment_id:
+                self.ledger.restart(
+                    live.deployment_id, interval.phase, interval.cluster, interval.gpus, interval.hourly_price
+                )
+                return
+        self._hold(live, live.ref)
+
+    def record_activity(self, since: datetime, now: datetime) -> None:
+        """Tell the ledger which ready deployments served traffic since the previous tick."""
+        for view in self.views():
+            if view.state is S.READY:
+                serving = view.in_flight > 0 or view.last_used > since
+                self.ledger.activity(view.deployment_id, view.model, serving=serving, at=now)
+        self.store.check_open_intervals(now)
 
     async def heartbeat_due(self, now: datetime) -> None:
         """Re-arm the failsafe of every engine the gateway holds, at the provider's interval."""
@@ -458,10 +496,29 @@ class Controller:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _hold(self, live: LiveDeployment, ref: ClusterRef | None) -> None:
+        spec = live.spec
+        gpus = ref.gpus if ref is not None else spec.gpus_per_replica
+        price = self.ledger.prices.hourly(ref, gpus, spec.accelerators or ())
+        self.ledger.held(live.deployment_id, cluster=ref.name if ref else None, gpus=gpus, hourly_price=price)
+
+    def _observe_cold_start(self, deployment_id: str, model: str) -> None:
+        dep = self.store.get_deployment(deployment_id)
+        if dep is None or not (dep.launching_at and dep.loading_at and dep.ready_at):
+            return
+        for phase, seconds in (
+            ("launching", (dep.loading_at - dep.launching_at).total_seconds()),
+            ("loading", (dep.ready_at - dep.loading_at).total_seconds()),
+            ("total", (dep.ready_at - (dep.pending_at or dep.launching_at)).total_seconds()),
+        ):
+            self.metrics.cold_start.labels(model=model, phase=phase).observe(seconds)
+
     def _move(self, live: LiveDeployment, new: DeploymentState, **fields: Any) -> None:
         old = live.state
-        if not self.store.transition(live.deployment_id, expected=old, new=new, at=self.clock(), **fields):
+        at = self.clock()
+        if not self.store.transition(live.deployment_id, expected=old, new=new, at=at, **fields):
             raise ProviderError(f"deployment {live.deployment_id} is no longer {old}")
+        self.ledger.state(live.deployment_id, live.spec.id, new, at)
         live.state = new
         log.info("deployment %s of %s: %s -> %s", live.deployment_id, live.spec.id, old, new)
 

@@ -15,9 +15,10 @@ from starlette.responses import Response, StreamingResponse
 from gateway.controller import Controller
 from gateway.deployments import Route
 from gateway.errors import GatewayError, model_not_found
-from gateway.proxy import Proxy
+from gateway.proxy import Call, Proxy
 from gateway.reference import Catalog, ModelSpec
 from gateway.settings import Settings
+from gateway.stream_usage import UsageFilter, ask_for_usage, wants_usage
 
 # A Hugging Face token for gated models, per request; handed to the engine it starts, never kept.
 HF_TOKEN_HEADER = "x-hf-token"
@@ -47,14 +48,22 @@ class OpenAIGateway:
         return b"".join(chunks)
 
     async def handle(self, request: Request, path: str) -> Response:
+        started = time.perf_counter()
         body = await self.read_body(request)
-        model, stream = parse_model_and_stream(body)
+        payload, model, stream = parse_request(body)
         spec = self.catalog.resolve(model)
         if spec is None:
             raise model_not_found(model)
+        usage = None
+        if stream:
+            strip = not wants_usage(payload)
+            usage = UsageFilter(strip=strip)
+            if strip:  # ask the engine for token usage; the filter removes it again
+                body = ask_for_usage(payload)
         route = self.route_of(spec)
         if route is not None:
-            return await self.proxy.forward(route, path, body, request.headers, stream=stream)
+            call = Call(route=route, path=path, stream=stream, started=started, usage=usage)
+            return await self.proxy.forward(call, body, request.headers)
         failure = self.controller.failure(spec.id)
         if failure is not None:
             raise GatewayError(
@@ -66,9 +75,10 @@ class OpenAIGateway:
         token = request.headers.get(HF_TOKEN_HEADER)
         secrets = {"HF_TOKEN": token} if token else None
         if stream:
-            return self._cold_stream(spec, path, body, dict(request.headers), secrets)
+            return self._cold_stream(spec, path, body, dict(request.headers), secrets, usage, started)
         route = await self.controller.ensure_ready(spec, secrets)
-        return await self.proxy.forward(route, path, body, request.headers, stream=False)
+        call = Call(route=route, path=path, stream=False, started=started, hot=False)
+        return await self.proxy.forward(call, body, request.headers)
 
     def route_of(self, spec: ModelSpec) -> Route | None:
         if spec.endpoint is not None:
@@ -76,7 +86,14 @@ class OpenAIGateway:
         return self.controller.routes.get(spec.id)
 
     def _cold_stream(
-        self, spec: ModelSpec, path: str, body: bytes, headers: dict[str, str], secrets: dict[str, str] | None
+        self,
+        spec: ModelSpec,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        secrets: dict[str, str] | None,
+        usage: UsageFilter | None,
+        started: float,
     ) -> Response:
         """A streaming request for a model that is not ready: admit it now (503 if the queue is
         full), answer 200 at once and send `: loading` comment lines until the engine is up, so
@@ -96,7 +113,8 @@ class OpenAIGateway:
             except GatewayError as exc:
                 yield exc.sse_event()
                 return
-            async for chunk in self.proxy.relay_into_open_stream(route, path, body, headers):
+            call = Call(route=route, path=path, stream=True, started=started, hot=False, usage=usage)
+            async for chunk in self.proxy.relay_into_open_stream(call, body, headers):
                 yield chunk
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -106,7 +124,8 @@ def _too_large(limit: int) -> GatewayError:
     return GatewayError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
 
 
-def parse_model_and_stream(body: bytes) -> tuple[str, bool]:
+def parse_request(body: bytes) -> tuple[dict[str, Any], str, bool]:
+    """The JSON body, its `model` and whether it asks for a stream (400 on anything else)."""
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -121,7 +140,7 @@ def parse_model_and_stream(body: bytes) -> tuple[str, bool]:
     stream = payload.get("stream", False)
     if not isinstance(stream, bool):
         raise GatewayError(400, "`stream` must be a boolean.", code="invalid_request", param="stream")
-    return model, stream
+    return payload, model, stream
 
 
 def _body_doc(description: str, example: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Forwarding to engines through one shared httpx client. Bytes pass through untouched, and the
-engine's status code and headers reach the client as they are."""
+engine's status code and headers reach the client as they are (the one exception: a usage
+event the gateway asked for on the client's behalf is removed again, see stream_usage.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 
 import httpx
 from starlette.responses import Response, StreamingResponse
@@ -16,6 +18,8 @@ from gateway.activity import Activity
 from gateway.clock import Clock
 from gateway.deployments import Route
 from gateway.errors import GatewayError, bad_gateway, envelope
+from gateway.metrics import Metrics
+from gateway.stream_usage import UsageFilter
 from gateway.usage import UsageRecord, UsageRecorder
 
 log = logging.getLogger(__name__)
@@ -57,94 +61,125 @@ def new_http_client(read_timeout: float) -> httpx.AsyncClient:
     )
 
 
+@dataclass
+class Call:
+    """One proxied request: what it is, and its clock readings (perf_counter seconds)."""
+
+    route: Route
+    path: str
+    stream: bool
+    started: float  # when the gateway received it
+    hot: bool = True  # routed to a ready engine at once (its overhead is measured)
+    usage: UsageFilter | None = None  # streams: reads (and maybe strips) the engine's usage event
+    upstream_started: float = 0.0
+    status: int = 0
+
+
 class Proxy:
     def __init__(
-        self, client: httpx.AsyncClient, activity: Activity, usage: UsageRecorder, clock: Clock
+        self,
+        client: httpx.AsyncClient,
+        activity: Activity,
+        usage: UsageRecorder,
+        clock: Clock,
+        metrics: Metrics,
     ) -> None:
         self.client = client
         self.activity = activity
         self.usage = usage
         self.clock = clock
+        self.metrics = metrics
 
-    async def _send(self, route: Route, path: str, body: bytes, headers: Mapping[str, str]) -> httpx.Response:
+    async def _send(self, call: Call, body: bytes, headers: Mapping[str, str]) -> httpx.Response:
+        route = call.route
         request = self.client.build_request(
-            "POST", route.base_url + path, content=body, headers=request_headers(headers)
+            "POST", route.base_url + call.path, content=body, headers=request_headers(headers)
         )
+        call.upstream_started = time.perf_counter()
         try:
             return await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
             log.warning("engine for %s at %s unreachable: %s", route.model, route.base_url, exc)
             raise bad_gateway(f"The engine for {route.model} did not answer: {type(exc).__name__}") from exc
 
-    def _record(
-        self, route: Route, path: str, status: int, stream: bool, t0: float, body: bytes | None
-    ) -> None:
-        now = self.clock()
-        self.activity.end(route.model, now)
+    def finish(self, call: Call, body: bytes | None = None, upstream_seconds: float | None = None) -> None:
+        """Account for a finished request: activity, metrics, and a usage row (written later)."""
+        now = time.perf_counter()
+        model = call.route.model
+        self.activity.end(model, self.clock())
+        self.metrics.requests.labels(model=model, path=call.path, status=str(call.status)).inc()
+        self.metrics.latency.labels(model=model).observe(now - call.started)
+        if call.hot and call.upstream_started:
+            own = (call.upstream_started - call.started) + (
+                (now - call.upstream_started - upstream_seconds) if upstream_seconds is not None else 0.0
+            )
+            self.metrics.overhead.labels(model=model).observe(max(own, 0.0))
+        usage = call.usage.usage if call.usage is not None else None
         self.usage.record(
             UsageRecord(
-                at=now,
-                model=route.model,
-                deployment_id=route.deployment_id,
-                path=path,
-                status=status,
-                stream=stream,
-                latency_ms=(time.perf_counter() - t0) * 1000,
+                at=self.clock(),
+                model=model,
+                deployment_id=call.route.deployment_id,
+                path=call.path,
+                status=call.status,
+                stream=call.stream,
+                latency_ms=(now - call.started) * 1000,
                 body=body,
+                usage=usage,
             )
         )
 
-    async def forward(
-        self, route: Route, path: str, body: bytes, headers: Mapping[str, str], *, stream: bool
-    ) -> Response:
+    async def forward(self, call: Call, body: bytes, headers: Mapping[str, str]) -> Response:
         """Proxy one request and return the engine's response: buffered when the client asked for
         no stream, streamed chunk by chunk otherwise."""
-        t0 = time.perf_counter()
-        self.activity.begin(route.model, self.clock())
+        self.activity.begin(call.route.model, self.clock())
         try:
-            upstream = await self._send(route, path, body, headers)
+            upstream = await self._send(call, body, headers)
         except GatewayError as exc:
-            self._record(route, path, exc.status, stream, t0, None)
+            call.status = exc.status
+            self.finish(call)
             raise
-        if not stream:
-            try:
-                content = b"".join([chunk async for chunk in upstream.aiter_raw()])
-            except httpx.HTTPError as exc:
-                self._record(route, path, 502, stream, t0, None)
-                raise bad_gateway(
-                    f"The engine for {route.model} broke off its answer: {type(exc).__name__}"
-                ) from exc
-            finally:
-                await upstream.aclose()
-            encoded = "content-encoding" in upstream.headers
-            self._record(route, path, upstream.status_code, stream, t0, None if encoded else content)
-            return Response(
-                content, status_code=upstream.status_code, headers=response_headers(upstream.headers)
-            )
-        return RelayResponse(_Relay(self, route, path, upstream, t0))
+        call.status = upstream.status_code
+        if call.stream:
+            return RelayResponse(_Relay(self, call, upstream))
+        try:
+            content = b"".join([chunk async for chunk in upstream.aiter_raw()])
+        except httpx.HTTPError as exc:
+            call.status = 502
+            self.finish(call)
+            raise bad_gateway(
+                f"The engine for {call.route.model} broke off its answer: {type(exc).__name__}"
+            ) from exc
+        finally:
+            await upstream.aclose()
+        upstream_seconds = time.perf_counter() - call.upstream_started
+        encoded = "content-encoding" in upstream.headers
+        self.finish(call, None if encoded else content, upstream_seconds)
+        return Response(content, status_code=upstream.status_code, headers=response_headers(upstream.headers))
 
     async def relay_into_open_stream(
-        self, route: Route, path: str, body: bytes, headers: Mapping[str, str]
+        self, call: Call, body: bytes, headers: Mapping[str, str]
     ) -> AsyncIterator[bytes]:
         """For a stream whose 200 and first bytes (loading comments) are already sent: relay the
         engine's events, and turn an engine error status into one SSE error event."""
-        t0 = time.perf_counter()
-        self.activity.begin(route.model, self.clock())
+        self.activity.begin(call.route.model, self.clock())
         try:
-            upstream = await self._send(route, path, body, headers)
+            upstream = await self._send(call, body, headers)
         except GatewayError as exc:
-            self._record(route, path, exc.status, True, t0, None)
+            call.status = exc.status
+            self.finish(call)
             yield exc.sse_event()
             return
+        call.status = upstream.status_code
         if upstream.status_code >= 400:
             try:
                 raw = await upstream.aread()
             finally:
                 await upstream.aclose()
-            self._record(route, path, upstream.status_code, True, t0, None)
+            self.finish(call)
             yield error_event_from_engine(raw, upstream.status_code)
             return
-        relay = _Relay(self, route, path, upstream, t0)
+        relay = _Relay(self, call, upstream)
         try:
             async for chunk in relay.body():
                 yield chunk
@@ -156,24 +191,28 @@ class _Relay:
     """One engine stream being relayed; `close()` runs exactly once whether or not the body was
     ever iterated (a client may disconnect before the first chunk)."""
 
-    def __init__(self, proxy: Proxy, route: Route, path: str, upstream: httpx.Response, t0: float) -> None:
+    def __init__(self, proxy: Proxy, call: Call, upstream: httpx.Response) -> None:
         self.proxy = proxy
-        self.route = route
-        self.path = path
+        self.call = call
         self.upstream = upstream
-        self.t0 = t0
-        self.status = upstream.status_code
         self._closed = False
+        if upstream.status_code >= 400:
+            call.usage = None  # an error body is passed through as it is
 
     async def body(self) -> AsyncIterator[bytes]:
+        usage = self.call.usage
         try:
             async for chunk in self.upstream.aiter_raw():
-                yield chunk
+                out = usage.feed(chunk) if usage is not None else chunk
+                if out:
+                    yield out
+            if usage is not None and (rest := usage.close()):
+                yield rest
         except httpx.HTTPError as exc:
-            self.status = 502
-            log.warning("engine for %s broke off a stream: %s", self.route.model, exc)
+            self.call.status = 502
+            log.warning("engine for %s broke off a stream: %s", self.call.route.model, exc)
             yield stream_error(
-                f"The engine for {self.route.model} broke off the stream.", code="engine_error"
+                f"The engine for {self.call.route.model} broke off the stream.", code="engine_error"
             )
 
     async def close(self) -> None:
@@ -183,13 +222,15 @@ class _Relay:
         try:
             await self.upstream.aclose()
         finally:
-            self.proxy._record(self.route, self.path, self.status, True, self.t0, None)
+            self.proxy.finish(self.call)
 
 
 class RelayResponse(StreamingResponse):
     def __init__(self, relay: _Relay) -> None:
         super().__init__(
-            relay.body(), status_code=relay.status, headers=response_headers(relay.upstream.headers)
+            relay.body(),
+            status_code=relay.upstream.status_code,
+            headers=response_headers(relay.upstream.headers),
         )
         self.relay = relay
 

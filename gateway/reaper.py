@@ -58,6 +58,7 @@ class Reaper:
                     applied.append(action)
         for model in prewarm_due(self.prewarm, since, now):
             self._spawn(self._prewarm(model))
+        self.controller.record_activity(since, now)
         self.controller.expire_failures(now)
         await self.controller.heartbeat_due(now)
         await asyncio.to_thread(self.controller.flush_activity)

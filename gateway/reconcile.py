@@ -12,6 +12,7 @@ Each decision is an event of kind `reconciled` saying what was found and done.
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta
 
 from gateway.controller import Controller
 from gateway.deployments import ref_from_json
@@ -50,7 +51,9 @@ async def reconcile(controller: Controller, catalog: Catalog, *, unknown: str = 
                 continue
         if provider.adopt_on_restart and found is None:
             controller.close_stale(
-                dep, f"left {dep.state} by an earlier gateway process; {ref.name} vanished"
+                dep,
+                f"left {dep.state} by an earlier gateway process; {ref.name} vanished",
+                cost_until=_vanished_at(controller, dep.id),
             )
             continue
         message = f"left {dep.state} by an earlier gateway process"
@@ -63,6 +66,18 @@ async def reconcile(controller: Controller, catalog: Catalog, *, unknown: str = 
 
     for info in listed.values():
         await _unknown_engine(controller, catalog, info, unknown)
+
+
+def _vanished_at(controller: Controller, deployment_id: str) -> datetime:
+    """When a cluster that vanished while no gateway watched stopped billing, at the latest: the
+    failsafe deletes it 3 heartbeat intervals after the last heartbeat, which is no earlier
+    than the last time the ledger saw it open."""
+    now = controller.clock()
+    interval = controller.provider.heartbeat_interval_seconds
+    checked = [i.checked_at for i in controller.store.open_intervals() if i.deployment_id == deployment_id]
+    if not checked or checked[0] is None or interval is None:
+        return now
+    return min(now, checked[0] + timedelta(seconds=3 * interval))
 
 
 _ADOPTABLE = frozenset({DeploymentState.LOADING.value, DeploymentState.READY.value})

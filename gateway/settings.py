@@ -105,6 +105,22 @@ class ScheduleSettings(BaseModel):
         return v
 
 
+class CostSettings(BaseModel):
+    local_gpu_hour: float = Field(0.0, ge=0, description="Dollars per GPU-hour of the local provider's GPUs.")
+    gpu_hour: dict[str, float] = Field(
+        default_factory=lambda: {
+            "L4": 0.8,
+            "A10G": 1.0,
+            "L40S": 1.9,
+            "A100": 3.7,
+            "A100-80GB": 4.1,
+            "H100": 9.0,
+        },
+        description="Fallback dollars per GPU-hour by accelerator, when SkyPilot cannot price a cluster.",
+    )
+    default_gpu_hour: float = Field(2.0, ge=0, description="Fallback for accelerators not in `gpu_hour`.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMGW_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -150,6 +166,7 @@ class Settings(BaseSettings):
         description="At startup, what to do with a cluster carrying our label that the store does not know.",
     )
     local: LocalSettings = Field(default_factory=LocalSettings)
+    costs: CostSettings = Field(default_factory=CostSettings)
     skypilot: SkyPilotSettings = Field(default_factory=SkyPilotSettings)
 
     @field_validator("log_level")

@@ -8,7 +8,9 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+from gateway.metrics import Metrics
 from state import Store, Usage
 
 log = logging.getLogger(__name__)
@@ -24,15 +26,17 @@ class UsageRecord:
     stream: bool
     latency_ms: float
     body: bytes | None = None  # a non-streamed JSON response, parsed for `usage` at flush time
+    usage: dict[str, Any] | None = None  # a stream's usage, as the engine reported it
 
 
-def _tokens(body: bytes | None) -> tuple[int | None, int | None]:
-    if not body:
-        return None, None
-    try:
-        usage = json.loads(body).get("usage") or {}
-    except (ValueError, AttributeError):
-        return None, None
+def _tokens(body: bytes | None, usage: dict[str, Any] | None = None) -> tuple[int | None, int | None]:
+    if usage is None:
+        if not body:
+            return None, None
+        try:
+            usage = json.loads(body).get("usage") or {}
+        except (ValueError, AttributeError):
+            return None, None
     if not isinstance(usage, dict):
         return None, None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
@@ -40,7 +44,7 @@ def _tokens(body: bytes | None) -> tuple[int | None, int | None]:
 
 
 def to_row(rec: UsageRecord) -> Usage:
-    prompt, completion = _tokens(rec.body)
+    prompt, completion = _tokens(rec.body, rec.usage)
     return Usage(
         at=rec.at,
         model=rec.model,
@@ -55,8 +59,9 @@ def to_row(rec: UsageRecord) -> Usage:
 
 
 class UsageRecorder:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, metrics: Metrics) -> None:
         self.store = store
+        self.metrics = metrics
         self._pending: list[UsageRecord] = []
 
     def record(self, rec: UsageRecord) -> None:
@@ -67,4 +72,9 @@ class UsageRecorder:
         if not batch:
             return 0
         rows = [to_row(rec) for rec in batch]
+        for row in rows:
+            if row.prompt_tokens:
+                self.metrics.tokens.labels(model=row.model, kind="prompt").inc(row.prompt_tokens)
+            if row.completion_tokens:
+                self.metrics.tokens.labels(model=row.model, kind="completion").inc(row.completion_tokens)
         return await asyncio.to_thread(self.store.add_usage, rows)

@@ -2,10 +2,11 @@
 
 from state.machine import ALLOWED, TERMINAL, DeploymentState, InvalidTransition
 from state.store import Store
-from state.tables import Deployment, Event, ModelRecord, Usage
+from state.tables import CostInterval, Deployment, Event, ModelRecord, Usage
 
 __all__ = [
     "ALLOWED",
+    "CostInterval",
     "TERMINAL",
     "Deployment",
     "DeploymentState",

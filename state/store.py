@@ -12,12 +12,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event, func, update
+from sqlalchemy import Engine, event, func, or_, update
 from sqlalchemy.engine.url import make_url
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from state.machine import TERMINAL, TIMESTAMP_COLUMN, DeploymentState, check_transition
-from state.tables import Deployment, Event, ModelRecord, Usage, utcnow
+from state.tables import CostInterval, Deployment, Event, ModelRecord, Usage, utcnow
 
 # How long a SQLite connection waits for a lock held by another writer before failing.
 SQLITE_BUSY_TIMEOUT_MS = 5000
@@ -216,6 +216,77 @@ class Store:
                 q = q.where(col(Event.at) < until)
             return list(reversed(list(s.exec(q))))
 
+    # -- cost intervals -------------------------------------------------------------------
+
+    def open_interval(self, interval: CostInterval) -> None:
+        """Close the deployment's open interval (if any) at the new one's start, then open it."""
+        with Session(self.engine) as s:
+            s.exec(
+                update(CostInterval)
+                .where(
+                    col(CostInterval.deployment_id) == interval.deployment_id,
+                    col(CostInterval.ended_at).is_(None),
+                )
+                .values(ended_at=interval.started_at)
+            )
+            s.add(interval)
+            s.commit()
+
+    def close_interval(
+        self, deployment_id: str, *, at: datetime, relabel: dict[str, str] | None = None
+    ) -> None:
+        """Close the deployment's open interval; `relabel` renames phases of all its intervals
+        (a failed launch turns its cold time into failed time)."""
+        with Session(self.engine) as s:
+            s.exec(
+                update(CostInterval)
+                .where(col(CostInterval.deployment_id) == deployment_id, col(CostInterval.ended_at).is_(None))
+                .values(ended_at=at)
+            )
+            for old, new in (relabel or {}).items():
+                s.exec(
+                    update(CostInterval)
+                    .where(col(CostInterval.deployment_id) == deployment_id, col(CostInterval.phase) == old)
+                    .values(phase=new)
+                )
+            s.commit()
+
+    def update_open_interval(self, deployment_id: str, **fields: Any) -> None:
+        with Session(self.engine) as s:
+            s.exec(
+                update(CostInterval)
+                .where(col(CostInterval.deployment_id) == deployment_id, col(CostInterval.ended_at).is_(None))
+                .values(**fields)
+            )
+            s.commit()
+
+    def delete_intervals(self, deployment_id: str) -> None:
+        with Session(self.engine) as s:
+            for row in s.exec(select(CostInterval).where(col(CostInterval.deployment_id) == deployment_id)):
+                s.delete(row)
+            s.commit()
+
+    def check_open_intervals(self, at: datetime) -> None:
+        with Session(self.engine) as s:
+            s.exec(update(CostInterval).where(col(CostInterval.ended_at).is_(None)).values(checked_at=at))
+            s.commit()
+
+    def open_intervals(self) -> list[CostInterval]:
+        with Session(self.engine) as s:
+            return list(s.exec(select(CostInterval).where(col(CostInterval.ended_at).is_(None))))
+
+    def intervals(
+        self, *, since: datetime | None = None, until: datetime | None = None
+    ) -> list[CostInterval]:
+        """Intervals overlapping [since, until) (open ones included)."""
+        with Session(self.engine) as s:
+            q = select(CostInterval).order_by(col(CostInterval.started_at))
+            if until is not None:
+                q = q.where(col(CostInterval.started_at) < until)
+            if since is not None:
+                q = q.where(or_(col(CostInterval.ended_at).is_(None), col(CostInterval.ended_at) > since))
+            return list(s.exec(q))
+
     def add_usage(self, rows: Iterable[Usage]) -> int:
         batch = list(rows)
         if batch:
@@ -223,6 +294,15 @@ class Store:
                 s.add_all(batch)
                 s.commit()
         return len(batch)
+
+    def usage(self, *, since: datetime | None = None, until: datetime | None = None) -> list[Usage]:
+        with Session(self.engine) as s:
+            q = select(Usage).order_by(col(Usage.at), col(Usage.id))
+            if since is not None:
+                q = q.where(col(Usage.at) >= since)
+            if until is not None:
+                q = q.where(col(Usage.at) < until)
+            return list(s.exec(q))
 
     def usage_count(self, *, model: str | None = None) -> int:
         with Session(self.engine) as s:

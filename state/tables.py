@@ -100,6 +100,29 @@ class Event(SQLModel, table=True):
     message: str = ""
 
 
+class CostInterval(SQLModel, table=True):
+    """A stretch of time one deployment held a cluster's GPUs in one phase, with its price.
+
+    Phases: cold (launching, loading), serving, idle, failed (a launch that did not become
+    ready). `ended_at` is None while the interval is open; `checked_at` is the last time a
+    running gateway saw it open (used to close it after a crash)."""
+
+    __tablename__ = "cost_intervals"
+    __table_args__ = (Index("ix_cost_open", "deployment_id", "ended_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    deployment_id: str = Field(max_length=32)
+    model: str = Field(index=True, max_length=256)
+    cluster: str | None = Field(default=None, max_length=128)
+    provider: str = Field(max_length=32)
+    phase: str = Field(max_length=16)
+    gpus: int = 1
+    hourly_price: float = 0.0  # dollars per hour for the whole cluster
+    started_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))
+    ended_at: datetime | None = _ts()
+    checked_at: datetime | None = _ts()
+
+
 class Usage(SQLModel, table=True):
     """One row per proxied request."""
 

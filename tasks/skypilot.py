@@ -92,6 +92,15 @@ def _is_missing(exc: BaseException) -> bool:
     return isinstance(exc, sky_exc.ClusterDoesNotExist)
 
 
+def _hourly_price(handle: Any) -> float | None:
+    """The cluster's price per hour from SkyPilot's catalog (None if it cannot say)."""
+    resources = getattr(handle, "launched_resources", None)
+    try:
+        return float(resources.get_cost(3600)) if resources is not None else None
+    except Exception:  # no instance type / region resolved: the gateway's price table applies
+        return None
+
+
 def _launched_accelerators(handle: Any) -> dict[str, int]:
     resources = getattr(handle, "launched_resources", None)
     accelerators = getattr(resources, "accelerators", None) or {}
@@ -134,7 +143,12 @@ class SkyPilotProvider:
             name=name,
             deployment_id=spec.deployment_id,
             gpus=spec.gpus,
-            data={"model": spec.model, "job_id": job_id, "accelerators": _launched_accelerators(handle)},
+            data={
+                "model": spec.model,
+                "job_id": job_id,
+                "accelerators": _launched_accelerators(handle),
+                "hourly_price": _hourly_price(handle),
+            },
         )
 
     async def wait_ready(self, ref: ClusterRef) -> Endpoint:

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 STREAM_PIECES = ["Hello", " from", " the", " stub"]
+FINGERPRINT = "stub-fp-1"
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -67,21 +68,42 @@ def make_app(
                 }
             )
         if body.get("stream"):
+            include_usage = (body.get("stream_options") or {}).get("include_usage") is True
 
             async def events() -> AsyncIterator[bytes]:
-                for piece in STREAM_PIECES:
+                # Like vLLM: compact JSON; the last content chunk carries finish_reason and, unless
+                # usage was asked for, system_fingerprint; with usage, a final chunk without
+                # choices carries usage and the fingerprint.
+                last = len(STREAM_PIECES) - 1
+                for n, piece in enumerate(STREAM_PIECES):
                     delta = {"content": piece} if kind == "chat" else None
-                    choice = {"index": 0, "delta": delta} if delta else {"index": 0, "text": piece}
-                    chunk = {
+                    choice: dict[str, Any] = (
+                        {"index": 0, "delta": delta} if delta else {"index": 0, "text": piece}
+                    )
+                    choice["finish_reason"] = "stop" if n == last else None
+                    chunk: dict[str, Any] = {
                         "id": "stub-1",
                         "object": f"{kind}.chunk",
                         "created": created,
                         "model": model,
                         "choices": [choice],
                     }
-                    yield f"data: {json.dumps(chunk)}\n\n".encode()
+                    if n == last and not include_usage:
+                        chunk["system_fingerprint"] = FINGERPRINT
+                    yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
                     if chunk_delay:
                         await asyncio.sleep(chunk_delay)
+                if include_usage:
+                    usage = {
+                        "id": "stub-1",
+                        "object": f"{kind}.chunk",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9},
+                        "system_fingerprint": FINGERPRINT,
+                    }
+                    yield f"data: {json.dumps(usage, separators=(',', ':'))}\n\n".encode()
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")

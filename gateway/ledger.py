@@ -1,0 +1,108 @@
+"""The cost ledger: who held which GPUs, in which phase, at what price.
+
+The controller reports state changes; the reaper reports, once per tick, whether each ready
+deployment served traffic (serving) or not (idle). Intervals are written only when the phase
+changes, never per request. A takeover closes the victim's interval and opens the new
+model's at the moment of the swap, on the same cluster and price.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+
+from state import CostInterval, DeploymentState, Store
+from tasks.provider import ClusterRef
+
+S = DeploymentState
+
+# The phase a deployment's GPUs are billed under, by deployment state (None: nothing held yet).
+PHASE_OF_STATE: dict[DeploymentState, str | None] = {
+    S.PENDING: None,
+    S.LAUNCHING: "cold",
+    S.LOADING: "cold",
+    S.READY: "idle",  # until the reaper sees traffic
+    S.DRAINING: "serving",  # finishing requests in flight
+    S.STOPPING: "idle",
+}
+PHASES = ("cold", "serving", "idle", "failed")
+
+
+class PriceBook:
+    """Hourly price of a cluster: what the provider reported for the launched resources, else
+    the configured price per GPU-hour of its accelerator, else the default."""
+
+    def __init__(self, *, per_gpu_hour: Mapping[str, float], default_gpu_hour: float) -> None:
+        self.per_gpu_hour = dict(per_gpu_hour)
+        self.default_gpu_hour = default_gpu_hour
+
+    def hourly(self, ref: ClusterRef | None, gpus: int, accelerators: tuple[str, ...] = ()) -> float:
+        if ref is not None and ref.data.get("hourly_price") is not None:
+            return float(ref.data["hourly_price"])
+        names = tuple((ref.data.get("accelerators") or {}) if ref is not None else ()) or accelerators
+        known = [self.per_gpu_hour[n] for n in names if n in self.per_gpu_hour]
+        return (min(known) if known else self.default_gpu_hour) * gpus
+
+
+class Ledger:
+    def __init__(self, store: Store, prices: PriceBook, *, provider: str) -> None:
+        self.store = store
+        self.prices = prices
+        self.provider = provider
+        self._phase: dict[str, str] = {}  # deployment id -> phase of its open interval
+        self._price: dict[str, tuple[str | None, int, float]] = {}  # deployment id -> cluster, gpus, price
+
+    def held(self, deployment_id: str, *, cluster: str | None, gpus: int, hourly_price: float) -> None:
+        """The deployment now holds this cluster (launch returned, or a takeover): re-price its open interval."""
+        self._price[deployment_id] = (cluster, gpus, hourly_price)
+        self.store.update_open_interval(deployment_id, cluster=cluster, gpus=gpus, hourly_price=hourly_price)
+
+    def state(self, deployment_id: str, model: str, new: DeploymentState, at: datetime) -> None:
+        if new is S.FAILED:
+            self.store.close_interval(deployment_id, at=at, relabel={"cold": "failed"})
+            self._forget(deployment_id)
+        elif new is S.STOPPED:
+            self.store.close_interval(deployment_id, at=at)
+            self._forget(deployment_id)
+        else:
+            phase = PHASE_OF_STATE[new]
+            if phase is not None:
+                self._enter(deployment_id, model, phase, at)
+
+    def activity(self, deployment_id: str, model: str, *, serving: bool, at: datetime) -> None:
+        """Once per tick for a ready deployment: did it serve traffic since the last tick?"""
+        if self._phase.get(deployment_id) in ("serving", "idle"):
+            self._enter(deployment_id, model, "serving" if serving else "idle", at)
+
+    def discard(self, deployment_id: str) -> None:
+        """Nothing was ever held (no capacity): the deployment costs nothing."""
+        self.store.delete_intervals(deployment_id)
+        self._forget(deployment_id)
+
+    def restart(self, deployment_id: str, phase: str, cluster: str | None, gpus: int, price: float) -> None:
+        """Resume the ledger of a deployment adopted after a gateway restart."""
+        self._phase[deployment_id] = phase
+        self._price[deployment_id] = (cluster, gpus, price)
+
+    def _enter(self, deployment_id: str, model: str, phase: str, at: datetime) -> None:
+        if self._phase.get(deployment_id) == phase:
+            return
+        cluster, gpus, price = self._price.get(deployment_id, (None, 0, 0.0))
+        self.store.open_interval(
+            CostInterval(
+                deployment_id=deployment_id,
+                model=model,
+                cluster=cluster,
+                provider=self.provider,
+                phase=phase,
+                gpus=gpus,
+                hourly_price=price,
+                started_at=at,
+                checked_at=at,
+            )
+        )
+        self._phase[deployment_id] = phase
+
+    def _forget(self, deployment_id: str) -> None:
+        self._phase.pop(deployment_id, None)
+        self._price.pop(deployment_id, None)
