@@ -26,6 +26,7 @@ ENDPOINTS = [
     ("GET", "/admin/clusters"),
     ("GET", "/admin/events"),
     ("GET", "/admin/failures"),
+    ("GET", "/admin/costs"),
     ("DELETE", "/admin/failures"),
     ("DELETE", f"/admin/failures/{LLAMA}"),
     ("POST", "/admin/reload"),
