@@ -17,15 +17,16 @@ class Activity:
         self._last_used: dict[str, datetime] = {}
         self._dirty: set[str] = set()
         self._idle: dict[str, asyncio.Event] = {}
+        self._last_request: dict[str, datetime] = {}  # like last_used, without touches
 
     def begin(self, model: str, now: datetime) -> None:
         self._in_flight[model] += 1
-        self._last_used[model] = now
+        self._last_used[model] = self._last_request[model] = now
         self._dirty.add(model)
 
     def end(self, model: str, now: datetime) -> None:
         self._in_flight[model] -= 1
-        self._last_used[model] = now
+        self._last_used[model] = self._last_request[model] = now
         self._dirty.add(model)
         if self._in_flight[model] == 0 and model in self._idle:
             self._idle.pop(model).set()
@@ -47,6 +48,9 @@ class Activity:
 
     def in_flight(self, model: str) -> int:
         return self._in_flight.get(model, 0)
+
+    def last_request(self, model: str) -> datetime | None:
+        return self._last_request.get(model)
 
     def last_used(self, model: str) -> datetime | None:
         return self._last_used.get(model)

@@ -443,7 +443,12 @@ class Controller:
         for interval in self.store.open_intervals():
             if interval.deployment_id == live.deployment_id:
                 self.ledger.restart(
-                    live.deployment_id, interval.phase, interval.cluster, interval.gpus, interval.hourly_price
+                    live.deployment_id,
+                    interval.phase,
+                    interval.started_at,
+                    interval.cluster,
+                    interval.gpus,
+                    interval.hourly_price,
                 )
                 return
         self._hold(live, live.ref)
@@ -452,8 +457,9 @@ class Controller:
         """Tell the ledger which ready deployments served traffic since the previous tick."""
         for view in self.views():
             if view.state is S.READY:
-                serving = view.in_flight > 0 or view.last_used > since
-                self.ledger.activity(view.deployment_id, view.model, serving=serving, at=now)
+                last = self.activity.last_request(view.model)
+                serving = view.in_flight > 0 or (last is not None and last > since)
+                self.ledger.activity(view.deployment_id, view.model, serving=serving, since=since)
         self.store.check_open_intervals(now)
 
     async def heartbeat_due(self, now: datetime) -> None:

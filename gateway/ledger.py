@@ -51,6 +51,7 @@ class Ledger:
         self.provider = provider
         self._phase: dict[str, str] = {}  # deployment id -> phase of its open interval
         self._price: dict[str, tuple[str | None, int, float]] = {}  # deployment id -> cluster, gpus, price
+        self._start: dict[str, datetime] = {}  # deployment id -> start of its open interval
 
     def held(self, deployment_id: str, *, cluster: str | None, gpus: int, hourly_price: float) -> None:
         """The deployment now holds this cluster (launch returned, or a takeover): re-price its open interval."""
@@ -69,23 +70,34 @@ class Ledger:
             if phase is not None:
                 self._enter(deployment_id, model, phase, at)
 
-    def activity(self, deployment_id: str, model: str, *, serving: bool, at: datetime) -> None:
-        """Once per tick for a ready deployment: did it serve traffic since the last tick?"""
+    def activity(self, deployment_id: str, model: str, *, serving: bool, since: datetime) -> None:
+        """Once per tick for a ready deployment: did it serve traffic in the window that began at
+        `since` (the previous tick)? The window is labelled from its start, so a request between
+        two ticks is billed as serving from the first of them."""
         if self._phase.get(deployment_id) in ("serving", "idle"):
-            self._enter(deployment_id, model, "serving" if serving else "idle", at)
+            start = self._start.get(deployment_id, since)
+            self._enter(deployment_id, model, "serving" if serving else "idle", max(since, start))
 
     def discard(self, deployment_id: str) -> None:
         """Nothing was ever held (no capacity): the deployment costs nothing."""
         self.store.delete_intervals(deployment_id)
         self._forget(deployment_id)
 
-    def restart(self, deployment_id: str, phase: str, cluster: str | None, gpus: int, price: float) -> None:
+    def restart(
+        self, deployment_id: str, phase: str, started: datetime, cluster: str | None, gpus: int, price: float
+    ) -> None:
         """Resume the ledger of a deployment adopted after a gateway restart."""
         self._phase[deployment_id] = phase
+        self._start[deployment_id] = started
         self._price[deployment_id] = (cluster, gpus, price)
 
     def _enter(self, deployment_id: str, model: str, phase: str, at: datetime) -> None:
         if self._phase.get(deployment_id) == phase:
+            return
+        if deployment_id in self._phase and self._start.get(deployment_id) == at:
+            # The open interval has not lasted a moment: relabel it rather than leave a 0-second one.
+            self.store.update_open_interval(deployment_id, phase=phase)
+            self._phase[deployment_id] = phase
             return
         cluster, gpus, price = self._price.get(deployment_id, (None, 0, 0.0))
         self.store.open_interval(
@@ -102,7 +114,9 @@ class Ledger:
             )
         )
         self._phase[deployment_id] = phase
+        self._start[deployment_id] = at
 
     def _forget(self, deployment_id: str) -> None:
         self._phase.pop(deployment_id, None)
         self._price.pop(deployment_id, None)
+        self._start.pop(deployment_id, None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from tasks.provider import CapacityError, ClusterInfo, ClusterRef, Endpoint, LaunchSpec, ProviderError
 
@@ -25,6 +26,10 @@ class FakeProvider:
     healthy: bool = True  # what probe() answers for running engines
     capacity_gpus: int | None = None  # launches past this many GPUs in use raise CapacityError
     accelerators: tuple[str, ...] = ()  # GPU types of the "clusters" it launches
+    # Fake time: with a clock that has advance(seconds), a launch and a wait take this long.
+    clock: Any = None
+    launch_seconds: float = 0.0
+    ready_seconds: float = 0.0
     launches: list[LaunchSpec] = field(default_factory=list)
     stops: list[ClusterRef] = field(default_factory=list)
     swaps: list[tuple[ClusterRef, LaunchSpec]] = field(default_factory=list)
@@ -34,6 +39,8 @@ class FakeProvider:
     async def launch(self, spec: LaunchSpec) -> ClusterRef:
         self.launches.append(spec)
         await asyncio.sleep(self.launch_delay)
+        if self.clock is not None:
+            self.clock.advance(self.launch_seconds)
         if self.launch_error is not None:
             raise self.launch_error
         in_use = sum(ref.gpus for ref in self.running.values())
@@ -55,6 +62,8 @@ class FakeProvider:
 
     async def wait_ready(self, ref: ClusterRef) -> Endpoint:
         await asyncio.sleep(self.ready_delay)
+        if self.clock is not None:
+            self.clock.advance(self.ready_seconds)
         if self.ready_error is not None:
             raise self.ready_error
         if ref.deployment_id not in self.running:
