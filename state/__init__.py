@@ -6,8 +6,8 @@ from state.tables import CostInterval, Deployment, Event, ModelRecord, Usage
 
 __all__ = [
     "ALLOWED",
-    "CostInterval",
     "TERMINAL",
+    "CostInterval",
     "Deployment",
     "DeploymentState",
     "Event",
