@@ -93,6 +93,37 @@ def check(
     typer.echo(f"{settings.model_reference}: {len(specs)} models OK")
 
 
+@app.command("export")
+def export(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")] = None,
+    day: Annotated[
+        list[str] | None, typer.Option(help="UTC day YYYY-MM-DD (repeat); default: the finished days.")
+    ] = None,
+) -> None:
+    """Write usage and cost files of finished days to S3 now (idempotent)."""
+    from datetime import UTC, date, datetime
+
+    from gateway.export import export_days, finished_days, s3_client
+    from state import Store
+
+    settings = load_settings(config)
+    if not settings.export.bucket:
+        typer.echo("llm-gateway: export.bucket is not set", err=True)
+        raise typer.Exit(2)
+    days = (
+        [date.fromisoformat(d) for d in day]
+        if day
+        else finished_days(datetime.now(UTC), settings.export.days_back)
+    )
+    store = Store(settings.resolved_database_url)
+    for result in export_days(
+        store, s3_client(), bucket=settings.export.bucket, prefix=settings.export.prefix, days=days
+    ):
+        typer.echo(
+            f"{'written  ' if result.written else 'unchanged'} s3://{settings.export.bucket}/{result.key} ({result.rows} rows)"
+        )
+
+
 app.add_typer(admin, name="admin")
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from gateway.controller import Controller
 from gateway.errors import GatewayError
-from gateway.policies import Schedule, StopAction, after_hours_stops, idle_stops, prewarm_due
+from gateway.export import export_days, finished_days, s3_client
+from gateway.policies import Schedule, StopAction, after_hours_stops, cron_fired, idle_stops, prewarm_due
 from gateway.settings import Settings
 from gateway.usage import UsageRecorder
 
@@ -35,6 +36,7 @@ class Reaper:
         self.usage = usage
         self.interval_seconds = settings.reaper_interval_seconds
         self.after_hours, self.prewarm = schedules_of(settings)
+        self.export = settings.export if settings.export.bucket else None
         self.last_tick: datetime = controller.clock()
         self._background: set[asyncio.Task[object]] = set()
 
@@ -58,6 +60,8 @@ class Reaper:
                     applied.append(action)
         for model in prewarm_due(self.prewarm, since, now):
             self._spawn(self._prewarm(model))
+        if self.export is not None and cron_fired(self.export.cron, "UTC", since, now):
+            self._spawn(self._export(now))
         self.controller.record_activity(since, now)
         self.controller.expire_failures(now)
         await self.controller.heartbeat_due(now)
@@ -76,6 +80,27 @@ class Reaper:
             await self.controller.ensure_ready(spec)
         except GatewayError as exc:
             log.warning("pre-warm of %s failed: %s", model, exc.message)
+
+    async def _export(self, now: datetime) -> None:
+        assert self.export is not None and self.export.bucket is not None
+        settings = self.export
+        try:
+            s3 = await asyncio.to_thread(s3_client)
+            results = await asyncio.to_thread(
+                export_days,
+                self.controller.store,
+                s3,
+                bucket=settings.bucket or "",
+                prefix=settings.prefix,
+                days=finished_days(now, settings.days_back),
+            )
+        except Exception as exc:  # credentials, network: the next firing tries again
+            log.error("S3 export failed: %s", exc)
+            return
+        written = [r.key for r in results if r.written]
+        self.controller.store.record_event(
+            kind="export", message=f"{len(written)} of {len(results)} files written"
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.create_task(coro)

@@ -121,6 +121,15 @@ class CostSettings(BaseModel):
     default_gpu_hour: float = Field(2.0, ge=0, description="Fallback for accelerators not in `gpu_hour`.")
 
 
+class ExportSettings(BaseModel):
+    bucket: str | None = Field(
+        None, description="S3 bucket for daily usage and cost files; unset: no export."
+    )
+    prefix: str = "llm-gateway"
+    cron: str = Field("30 0 * * *", description="When to export (UTC): the finished days are written.")
+    days_back: int = Field(3, ge=1, le=366, description="How many finished days each run (re)writes.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMGW_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -167,6 +176,7 @@ class Settings(BaseSettings):
     )
     local: LocalSettings = Field(default_factory=LocalSettings)
     costs: CostSettings = Field(default_factory=CostSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
     skypilot: SkyPilotSettings = Field(default_factory=SkyPilotSettings)
 
     @field_validator("log_level")

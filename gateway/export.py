@@ -1,0 +1,163 @@
+"""Daily export of usage and cost records to S3, for Athena/QuickSight-style dashboards.
+
+Objects are laid out Hive-style, one folder per UTC day:
+    s3://<bucket>/<prefix>/usage/date=YYYY-MM-DD/usage.csv
+    s3://<bucket>/<prefix>/costs/date=YYYY-MM-DD/costs.csv
+Only finished days are exported, and their content is deterministic (sorted rows, fixed
+columns), so a re-run writes nothing new: an object whose MD5 (its ETag) already matches is
+left alone. Credentials come from the standard AWS chain (boto3).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from state import CostInterval, Store, Usage
+
+log = logging.getLogger(__name__)
+
+USAGE_COLUMNS = [
+    "at",
+    "model",
+    "deployment_id",
+    "path",
+    "status",
+    "stream",
+    "latency_ms",
+    "prompt_tokens",
+    "completion_tokens",
+]
+COST_COLUMNS = [
+    "model",
+    "deployment_id",
+    "cluster",
+    "provider",
+    "phase",
+    "gpus",
+    "hourly_price",
+    "start",
+    "end",
+    "seconds",
+    "gpu_seconds",
+    "dollars",
+]
+
+
+@dataclass(frozen=True)
+class Exported:
+    key: str
+    rows: int
+    written: bool  # False: the object already had this content
+
+
+def day_bounds(day: date) -> tuple[datetime, datetime]:
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    return start, start + timedelta(days=1)
+
+
+def finished_days(now: datetime, days_back: int) -> list[date]:
+    """The last `days_back` UTC days before today's (oldest first)."""
+    today = now.astimezone(UTC).date()
+    return [today - timedelta(days=n) for n in range(days_back, 0, -1)]
+
+
+def _csv(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> bytes:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue().encode()
+
+
+def usage_rows(rows: Iterable[Usage]) -> list[dict[str, Any]]:
+    return [
+        {
+            "at": u.at.isoformat(),
+            "model": u.model,
+            "deployment_id": u.deployment_id or "",
+            "path": u.path,
+            "status": u.status,
+            "stream": str(u.stream).lower(),
+            "latency_ms": u.latency_ms,
+            "prompt_tokens": "" if u.prompt_tokens is None else u.prompt_tokens,
+            "completion_tokens": "" if u.completion_tokens is None else u.completion_tokens,
+        }
+        for u in sorted(rows, key=lambda u: (u.at, u.id or 0))
+    ]
+
+
+def cost_rows(intervals: Iterable[CostInterval], day: date) -> list[dict[str, Any]]:
+    """Each interval's part within the day (open intervals up to the day's end)."""
+    day_start, day_end = day_bounds(day)
+    out = []
+    for i in intervals:
+        start, end = max(i.started_at, day_start), min(i.ended_at or day_end, day_end)
+        if end <= start:
+            continue
+        seconds = (end - start).total_seconds()
+        out.append(
+            {
+                "model": i.model,
+                "deployment_id": i.deployment_id,
+                "cluster": i.cluster or "",
+                "provider": i.provider,
+                "phase": i.phase,
+                "gpus": i.gpus,
+                "hourly_price": i.hourly_price,
+                "start": start.isoformat(),
+                "end": end.isoformat(),
+                "seconds": seconds,
+                "gpu_seconds": seconds * i.gpus,
+                "dollars": round(seconds / 3600 * i.hourly_price, 6),
+            }
+        )
+    return sorted(out, key=lambda r: (r["start"], r["deployment_id"], r["phase"]))
+
+
+def _put_if_changed(s3: Any, bucket: str, key: str, body: bytes) -> bool:
+    md5 = hashlib.md5(body).hexdigest()
+    try:
+        if s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"') == md5:
+            return False
+    except s3.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+            raise
+    s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="text/csv")
+    return True
+
+
+def export_day(store: Store, s3: Any, *, bucket: str, prefix: str, day: date) -> list[Exported]:
+    start, end = day_bounds(day)
+    usage = usage_rows(store.usage(since=start, until=end))
+    costs = cost_rows(store.intervals(since=start, until=end), day)
+    base = prefix.strip("/")
+    results = []
+    for kind, columns, rows in (("usage", USAGE_COLUMNS, usage), ("costs", COST_COLUMNS, costs)):
+        key = (
+            f"{base}/{kind}/date={day.isoformat()}/{kind}.csv"
+            if base
+            else f"{kind}/date={day.isoformat()}/{kind}.csv"
+        )
+        written = _put_if_changed(s3, bucket, key, _csv(columns, rows))
+        results.append(Exported(key=key, rows=len(rows), written=written))
+        log.info(
+            "export %s: s3://%s/%s (%d rows)", "written" if written else "unchanged", bucket, key, len(rows)
+        )
+    return results
+
+
+def export_days(store: Store, s3: Any, *, bucket: str, prefix: str, days: Iterable[date]) -> list[Exported]:
+    return [e for day in days for e in export_day(store, s3, bucket=bucket, prefix=prefix, day=day)]
+
+
+def s3_client() -> Any:
+    import boto3
+
+    return boto3.client("s3")
