@@ -132,7 +132,7 @@ def create_app(
         settings=settings,
         catalog=catalog,
         controller=controller,
-        proxy=Proxy(client, activity, usage, clock, metrics),
+        proxy=Proxy(client, activity, usage, clock, metrics, on_engine_error=controller.engine_error),
     )
 
     @contextlib.asynccontextmanager

@@ -73,6 +73,7 @@ class Controller:
         self._waiting: dict[str, int] = {}
         self._heartbeats: dict[str, datetime] = {}  # deployment id -> last failsafe heartbeat
         self._evictions: list[Eviction] = []
+        self._checks: dict[str, asyncio.Task[None]] = {}  # deployment id -> engine health check
 
     # -- views ------------------------------------------------------------------------------
 
@@ -323,6 +324,32 @@ class Controller:
             "takeover", live, f"took over {ref.name} from {victim.model} (priority {victim.priority})"
         )
         return ref
+
+    def engine_error(self, route: Route, reason: str) -> None:
+        """The proxy could not talk to an engine: check in the background whether it died."""
+        live = self._live.get(route.model)
+        if live is None or live.deployment_id != route.deployment_id or live.state is not S.READY:
+            return
+        if route.model in self._stops or live.deployment_id in self._checks:
+            return
+        task = asyncio.create_task(self._check_engine(live, reason), name=f"check {route.model}")
+        self._checks[live.deployment_id] = task
+        task.add_done_callback(lambda _: self._checks.pop(live.deployment_id, None))
+
+    async def _check_engine(self, live: LiveDeployment, reason: str) -> None:
+        if live.ref is None or await self.provider.probe(live.ref) is not None:
+            return  # alive: a one-off error (the client's request, a timeout)
+        model = live.spec.id
+        if self._live.get(model) is not live or live.state is not S.READY:
+            return
+        self.routes.pop(model, None)  # the next request starts a new engine
+        error = f"engine died while serving ({reason})"
+        self._move(live, S.FAILED, error=error)
+        self._event("engine-failed", live, error)
+        try:
+            await self.provider.stop(live.ref)  # what is left of it, and its GPUs
+        finally:
+            self._forget(live)
 
     # -- taking models down -----------------------------------------------------------------
 

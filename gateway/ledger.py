@@ -52,6 +52,7 @@ class Ledger:
         self._phase: dict[str, str] = {}  # deployment id -> phase of its open interval
         self._price: dict[str, tuple[str | None, int, float]] = {}  # deployment id -> cluster, gpus, price
         self._start: dict[str, datetime] = {}  # deployment id -> start of its open interval
+        self._was_ready: set[str] = set()  # a failure after ready is not a failed launch
 
     def held(self, deployment_id: str, *, cluster: str | None, gpus: int, hourly_price: float) -> None:
         """The deployment now holds this cluster (launch returned, or a takeover): re-price its open interval."""
@@ -60,12 +61,15 @@ class Ledger:
 
     def state(self, deployment_id: str, model: str, new: DeploymentState, at: datetime) -> None:
         if new is S.FAILED:
-            self.store.close_interval(deployment_id, at=at, relabel={"cold": "failed"})
+            relabel = None if deployment_id in self._was_ready else {"cold": "failed"}
+            self.store.close_interval(deployment_id, at=at, relabel=relabel)
             self._forget(deployment_id)
         elif new is S.STOPPED:
             self.store.close_interval(deployment_id, at=at)
             self._forget(deployment_id)
         else:
+            if new is S.READY:
+                self._was_ready.add(deployment_id)
             phase = PHASE_OF_STATE[new]
             if phase is not None:
                 self._enter(deployment_id, model, phase, at)
@@ -89,6 +93,8 @@ class Ledger:
         """Resume the ledger of a deployment adopted after a gateway restart."""
         self._phase[deployment_id] = phase
         self._start[deployment_id] = started
+        if phase in ("serving", "idle"):
+            self._was_ready.add(deployment_id)
         self._price[deployment_id] = (cluster, gpus, price)
 
     def _enter(self, deployment_id: str, model: str, phase: str, at: datetime) -> None:
@@ -120,3 +126,4 @@ class Ledger:
         self._phase.pop(deployment_id, None)
         self._price.pop(deployment_id, None)
         self._start.pop(deployment_id, None)
+        self._was_ready.discard(deployment_id)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -83,12 +83,15 @@ class Proxy:
         usage: UsageRecorder,
         clock: Clock,
         metrics: Metrics,
+        on_engine_error: Callable[[Route, str], None] = lambda route, reason: None,
     ) -> None:
         self.client = client
         self.activity = activity
         self.usage = usage
         self.clock = clock
         self.metrics = metrics
+        # Told when an engine did not answer or broke off: the controller checks whether it died.
+        self.on_engine_error = on_engine_error
 
     async def _send(self, call: Call, body: bytes, headers: Mapping[str, str]) -> httpx.Response:
         route = call.route
@@ -100,6 +103,7 @@ class Proxy:
             return await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
             log.warning("engine for %s at %s unreachable: %s", route.model, route.base_url, exc)
+            self.on_engine_error(route, f"unreachable: {type(exc).__name__}")
             raise bad_gateway(f"The engine for {route.model} did not answer: {type(exc).__name__}") from exc
 
     def finish(self, call: Call, body: bytes | None = None, upstream_seconds: float | None = None) -> None:
@@ -147,6 +151,7 @@ class Proxy:
         except httpx.HTTPError as exc:
             call.status = 502
             self.finish(call)
+            self.on_engine_error(call.route, f"broke off an answer: {type(exc).__name__}")
             raise bad_gateway(
                 f"The engine for {call.route.model} broke off its answer: {type(exc).__name__}"
             ) from exc
@@ -211,6 +216,7 @@ class _Relay:
         except httpx.HTTPError as exc:
             self.call.status = 502
             log.warning("engine for %s broke off a stream: %s", self.call.route.model, exc)
+            self.proxy.on_engine_error(self.call.route, f"broke off a stream: {type(exc).__name__}")
             yield stream_error(
                 f"The engine for {self.call.route.model} broke off the stream.", code="engine_error"
             )

@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--children", type=int, default=0, help="extra processes in the group, like vLLM's")
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM (tests SIGKILL)")
     parser.add_argument("--exit-after", type=float, default=None, help="exit with code 3 after S seconds")
+    parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
     args = parser.parse_args()
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -195,7 +196,7 @@ def main() -> None:
         time.sleep(args.exit_after)
         sys.exit(3)
     uvicorn.run(
-        make_app(args.served_name, ready_after=args.ready_after),
+        make_app(args.served_name, ready_after=args.ready_after, chunk_delay=args.chunk_delay),
         host="127.0.0.1",
         port=args.port,
         log_level="warning",
