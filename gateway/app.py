@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -21,6 +21,7 @@ from gateway.clock import Clock, system_clock
 from gateway.controller import Controller
 from gateway.costs import spans_of, totals
 from gateway.errors import install_error_handlers
+from gateway.lease import ControllerLease, stop_this_process
 from gateway.ledger import Ledger, PriceBook
 from gateway.metrics import Metrics, StateCollector
 from gateway.openai_api import OpenAIGateway, openai_router
@@ -108,6 +109,7 @@ def create_app(
     provider: Provider | None = None,
     clock: Clock = system_clock,
     http_client: httpx.AsyncClient | None = None,
+    on_lease_lost: Callable[[], None] = stop_this_process,
 ) -> FastAPI:
     catalog = Catalog(load_reference(settings.model_reference), allow_unlisted=settings.allow_unlisted_models)
     provider = provider or build_provider(settings)
@@ -127,6 +129,7 @@ def create_app(
         metrics=metrics,
     )
     reaper = Reaper(controller, usage, settings)
+    lease = ControllerLease(store, clock, seconds=settings.controller_lease_seconds)
     client = http_client or new_http_client(settings.upstream_timeout_seconds)
     gateway = OpenAIGateway(
         settings=settings,
@@ -138,6 +141,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store.create_all()
+        await lease.acquire()  # one control loop per database: stand by while another gateway runs it
+        lease_task = asyncio.create_task(lease.keep(on_lease_lost), name="controller lease")
         catalog.load_overrides(store.overrides())
         store.upsert_models(
             ModelRecord(id=s.id, gpus_per_replica=s.gpus_per_replica, priority=s.priority, kind=s.kind)
@@ -154,6 +159,10 @@ def create_app(
                 await loop_task
             await controller.shutdown()
             await reaper.settle()
+            lease_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lease_task
+            lease.release()
             controller.flush_activity()
             await usage.flush()
             if http_client is None:

@@ -150,6 +150,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     upstream_timeout_seconds: float = Field(600.0, gt=0, description="Engine read timeout.")
     reaper_interval_seconds: float = Field(2.0, gt=0)
+    controller_lease_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="A second gateway on the same database takes over this long after the first died.",
+    )
     loading_comment_seconds: float = Field(
         2.0, gt=0, description="Interval of `: loading` SSE comments sent to waiting streams."
     )

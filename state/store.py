@@ -14,10 +14,11 @@ from typing import Any
 
 from sqlalchemy import Engine, event, func, or_, update
 from sqlalchemy.engine.url import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from state.machine import TERMINAL, TIMESTAMP_COLUMN, DeploymentState, check_transition
-from state.tables import CostInterval, Deployment, Event, ModelRecord, Usage, utcnow
+from state.tables import ControllerLease, CostInterval, Deployment, Event, ModelRecord, Usage, utcnow
 
 # How long a SQLite connection waits for a lock held by another writer before failing.
 SQLITE_BUSY_TIMEOUT_MS = 5000
@@ -286,6 +287,46 @@ class Store:
             if since is not None:
                 q = q.where(or_(col(CostInterval.ended_at).is_(None), col(CostInterval.ended_at) > since))
             return list(s.exec(q))
+
+    # -- controller lease -----------------------------------------------------------------
+
+    def acquire_lease(
+        self, holder: str, *, now: datetime, until: datetime, steal_from: str | None = None
+    ) -> bool:
+        """Take or renew the controller lease: succeeds if it is free, expired, ours, or held by
+        `steal_from` (a holder known to be dead). A single conditional UPDATE (or INSERT of the
+        first row), so two gateways can never both hold it."""
+        with Session(self.engine) as s:
+            cond = or_(col(ControllerLease.holder) == holder, col(ControllerLease.expires_at) < now)
+            if steal_from is not None:
+                cond = or_(cond, col(ControllerLease.holder) == steal_from)
+            result = s.exec(
+                update(ControllerLease)
+                .where(col(ControllerLease.id) == 1, cond)
+                .values(holder=holder, expires_at=until)
+            )
+            if result.rowcount == 1:
+                s.commit()
+                return True
+            if s.get(ControllerLease, 1) is not None:
+                return False
+            s.add(ControllerLease(id=1, holder=holder, expires_at=until))
+            try:
+                s.commit()
+            except IntegrityError:
+                return False
+            return True
+
+    def lease(self) -> ControllerLease | None:
+        with Session(self.engine) as s:
+            return s.get(ControllerLease, 1)
+
+    def release_lease(self, holder: str) -> None:
+        with Session(self.engine) as s:
+            row = s.get(ControllerLease, 1)
+            if row is not None and row.holder == holder:
+                s.delete(row)
+                s.commit()
 
     def add_usage(self, rows: Iterable[Usage]) -> int:
         batch = list(rows)

@@ -123,6 +123,16 @@ class CostInterval(SQLModel, table=True):
     checked_at: datetime | None = _ts()
 
 
+class ControllerLease(SQLModel, table=True):
+    """Which gateway process runs the control loop on this database (one row, id 1)."""
+
+    __tablename__ = "controller_lease"
+
+    id: int = Field(default=1, primary_key=True)
+    holder: str = Field(max_length=256)  # host:pid:start-time:random
+    expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
 class Usage(SQLModel, table=True):
     """One row per proxied request."""
 

@@ -1,0 +1,81 @@
+"""One control loop per database: a second gateway stands by until the first is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from gateway.app import create_app
+from gateway.lease import ControllerLease, holder_id, holder_is_dead
+from state import Store
+from tests.api.test_lifecycle import FakeClock
+from tests.conftest import make_settings, running_gateway
+from tests.fakes import FakeProvider
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_lease_is_exclusive_until_expiry(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.create_all()
+    assert store.acquire_lease("a", now=T0, until=T0 + timedelta(seconds=10))
+    assert not store.acquire_lease("b", now=T0 + timedelta(seconds=5), until=T0 + timedelta(seconds=15))
+    assert store.acquire_lease("a", now=T0 + timedelta(seconds=5), until=T0 + timedelta(seconds=15))  # renew
+    assert store.acquire_lease(
+        "b", now=T0 + timedelta(seconds=16), until=T0 + timedelta(seconds=26)
+    )  # expired
+    assert store.lease().holder == "b"
+    assert store.acquire_lease(
+        "c", now=T0 + timedelta(seconds=17), until=T0, steal_from="b"
+    )  # b is known dead
+    store.release_lease("b")  # not the holder: nothing happens
+    assert store.lease().holder == "c"
+    store.release_lease("c")
+    assert store.lease() is None
+
+
+def test_dead_holders_on_this_host_are_recognised() -> None:
+    assert not holder_is_dead(holder_id())  # this process
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    host = holder_id().split(":")[0]
+    assert holder_is_dead(f"{host}:{child.stdout.strip()}:123:ab")
+    assert not holder_is_dead("other-host:1:1:ab")  # another host: only expiry tells
+
+
+async def test_second_gateway_stands_by_until_the_first_is_gone(tmp_path: Path, stub_url: str) -> None:
+    settings = make_settings(tmp_path, controller_lease_seconds=0.6)
+    async with running_gateway(settings, FakeProvider(endpoint=stub_url)) as (first, _):
+        second = create_app(settings, provider=FakeProvider(endpoint=stub_url))
+        started = asyncio.Event()
+
+        async def run_second() -> None:
+            async with second.router.lifespan_context(second):
+                started.set()
+                await asyncio.sleep(0.1)
+
+        task = asyncio.create_task(run_second())
+        await asyncio.sleep(1.0)
+        assert not started.is_set()  # standing by: no reconcile, no control loop, no HTTP
+        holder = first.state.store.lease().holder
+    await asyncio.wait_for(started.wait(), 5)  # the first released the lease on shutdown
+    await task
+    assert Store(settings.resolved_database_url).lease() is None
+    assert holder
+
+
+async def test_a_lost_lease_stops_the_gateway(tmp_path: Path, stub_url: str) -> None:
+    clock = FakeClock()
+    settings = make_settings(tmp_path, controller_lease_seconds=0.3)
+    lost = asyncio.Event()
+    app = create_app(settings, provider=FakeProvider(endpoint=stub_url), clock=clock, on_lease_lost=lost.set)
+    async with app.router.lifespan_context(app):
+        store = app.state.store
+        thief = ControllerLease(store, clock, seconds=60)
+        clock.advance(1)  # our lease expired (we "stalled") and another gateway takes it
+        assert thief.try_acquire()
+        await asyncio.wait_for(lost.wait(), 5)
