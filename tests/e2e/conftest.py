@@ -71,10 +71,17 @@ class GatewayProcess:
             os.killpg(pgid, signal.SIGKILL)
 
 
-def start_gateway(tmp_path: Path, models: dict[str, Any] | None = None, **settings: Any) -> GatewayProcess:
-    """`models`: extra reference entries; each defaults to the tiny model's settings."""
+def start_gateway(
+    tmp_path: Path, models: dict[str, Any] | None = None, *, reuse: bool = False, **settings: Any
+) -> GatewayProcess:
+    """`models`: extra reference entries; each defaults to the tiny model's settings. `reuse`:
+    start again on the settings (and so the database) an earlier call wrote in `tmp_path`."""
     if not ENGINE.exists() or not (TINY_MODEL / ".complete").exists():
         pytest.fail("the engine is not built: run `make engine`")
+    config_file = tmp_path / "gateway.yaml"
+    if reuse:
+        config = yaml.safe_load(config_file.read_text())
+        return _launch(tmp_path, config_file, config)
     port = free_port()
     data = tmp_path / "data"
     reference = tmp_path / "model_reference.json"
@@ -97,11 +104,16 @@ def start_gateway(tmp_path: Path, models: dict[str, Any] | None = None, **settin
         },
     }
     config.update(settings)
-    config_file = tmp_path / "gateway.yaml"
     config_file.write_text(yaml.safe_dump(config))
+    return _launch(tmp_path, config_file, config)
+
+
+def _launch(tmp_path: Path, config_file: Path, config: dict[str, Any]) -> GatewayProcess:
+    port = config["port"]
+    data = Path(config["data_dir"])
     log = tmp_path / "gateway.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMGW_")}
-    with log.open("wb") as out:
+    with log.open("ab") as out:
         process = subprocess.Popen(
             [str(GATEWAY_BIN), "serve", "--config", str(config_file)],
             cwd=ROOT,

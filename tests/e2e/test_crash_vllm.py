@@ -1,0 +1,72 @@
+"""kill -9 the gateway during a cold start and while serving: on restart its engine is stopped
+(the local provider does not adopt), never duplicated nor orphaned, and the events say so."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import httpx
+
+from tests.e2e.conftest import GatewayProcess, start_gateway, wait_until
+
+BODY = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+def crash(gw: GatewayProcess) -> None:
+    gw.process.send_signal(signal.SIGKILL)  # by pid: the gateway only, its engines live on
+    gw.process.wait(timeout=30)
+
+
+def restart(tmp_path: Path) -> GatewayProcess:
+    """A new gateway on the same settings, database and data directory."""
+    return start_gateway(tmp_path, reuse=True)
+
+
+def test_kill_9_during_cold_start_and_while_serving(tmp_path: Path) -> None:
+    gateways: list[GatewayProcess] = []
+    try:
+        first = start_gateway(tmp_path)
+        gateways.append(first)
+        threading.Thread(target=lambda: _quiet_post(first.base_url), daemon=True).start()
+        store = first.store()
+        assert wait_until(lambda: [d.state for d in store.deployments()] == ["loading"], timeout=60)
+        [orphan] = first.engine_groups()
+        crash(first)
+        assert first.live_engine_groups() == [orphan]  # the engine outlived the gateway
+
+        second = restart(tmp_path)
+        gateways.append(second)
+        assert second.live_engine_groups() == []  # stopped at startup, not left running
+        [event] = store.events(kind="reconciled")
+        assert (
+            "left loading by an earlier gateway process" in event.message and "was stopped" in event.message
+        )
+        assert [d.state for d in store.deployments()] == ["stopped"]
+
+        with httpx.Client(timeout=300) as client:
+            assert client.post(f"{second.base_url}/v1/chat/completions", json=BODY).status_code == 200
+        serving = second.live_engine_groups()
+        assert len(serving) == 1
+        crash(second)
+
+        third = restart(tmp_path)
+        gateways.append(third)
+        assert third.live_engine_groups() == []
+        reconciled = store.events(kind="reconciled")
+        assert len(reconciled) == 2 and "left ready" in reconciled[-1].message
+        with httpx.Client(timeout=300) as client:
+            assert client.post(f"{third.base_url}/v1/chat/completions", json=BODY).status_code == 200
+        assert len(third.live_engine_groups()) == 1  # exactly one engine: never duplicated
+        assert sorted(d.state for d in store.deployments()) == ["ready", "stopped", "stopped"]
+    finally:
+        for gw in gateways:
+            gw.kill_everything()
+
+
+def _quiet_post(base_url: str) -> None:
+    try:
+        httpx.post(f"{base_url}/v1/chat/completions", json=BODY, timeout=300)
+    except httpx.HTTPError:
+        pass  # the gateway is killed under this request
