@@ -19,7 +19,7 @@ from gateway import __version__
 from gateway.admin_views import cluster_rows, event_rows, model_status, settings_view
 from gateway.controller import Controller
 from gateway.costs import GroupBy, columns, spans_of, summarize, to_csv
-from gateway.errors import GatewayError, model_not_found
+from gateway.errors import GatewayError, error_doc, model_not_found
 from gateway.reference import Catalog, ModelSpec, ReferenceError, load_reference
 from gateway.settings import Settings
 from state import Store
@@ -85,7 +85,13 @@ def admin_router(*, settings: Settings, catalog: Catalog, controller: Controller
         prefix="/admin",
         tags=["Admin"],
         dependencies=[Depends(require_admin)],
-        responses={401: {"description": "Missing or wrong bearer token"}},
+        responses={
+            400: error_doc("Invalid parameters or body"),
+            401: error_doc("Missing or wrong bearer token"),
+            404: error_doc("Unknown model"),
+            502: error_doc("The engine failed to start (load with wait)"),
+            503: error_doc("No capacity, or the start timed out (load with wait)"),
+        },
     )
 
     def spec_of(model_id: str) -> ModelSpec:
@@ -254,7 +260,7 @@ def admin_router(*, settings: Settings, catalog: Catalog, controller: Controller
         summary="Costs",
         description="GPU cost from the ledger, grouped by model, UTC day, cluster or phase, with the dollars "
         "of each phase: cold (launching and loading), serving, idle (kept hot without traffic) and failed "
-        "(launches that never became ready). `format=csv` answers CSV. Default range: the last 7 days.",
+        "(launches that never became ready). `format=csv` answers CSV. Default range: the last 7 days; an empty range has no rows.",
         responses={
             200: {
                 "content": {
@@ -288,8 +294,6 @@ def admin_router(*, settings: Settings, catalog: Catalog, controller: Controller
         now = controller.clock()
         until = _aware(until) or now
         since = _aware(since) or until - timedelta(days=7)
-        if since >= until:
-            raise GatewayError(400, "`since` must be before `until`.", code="invalid_request", param="since")
         rows = summarize(
             spans_of(store.intervals(since=since, until=until)),
             since=since,

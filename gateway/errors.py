@@ -42,6 +42,29 @@ class GatewayError(Exception):
         return b"data: " + json.dumps(self.body()).encode() + b"\n\n"
 
 
+ENVELOPE_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "integer", "null"]},
+            },
+        }
+    },
+}
+
+
+def error_doc(description: str) -> dict[str, Any]:
+    """An OpenAPI response entry for an error in the envelope."""
+    return {"description": description, "content": {"application/json": {"schema": ENVELOPE_SCHEMA}}}
+
+
 def envelope(message: str, *, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 

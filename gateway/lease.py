@@ -77,7 +77,6 @@ class ControllerLease:
                 on_lost()
                 return
 
-
     def release(self) -> None:
         self.store.release_lease(self.holder)
 

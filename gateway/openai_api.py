@@ -14,7 +14,7 @@ from starlette.responses import Response, StreamingResponse
 
 from gateway.controller import Controller
 from gateway.deployments import Route
-from gateway.errors import GatewayError, model_not_found
+from gateway.errors import GatewayError, error_doc, model_not_found
 from gateway.proxy import Call, Proxy
 from gateway.reference import Catalog, ModelSpec
 from gateway.settings import Settings
@@ -153,7 +153,10 @@ def _body_doc(description: str, example: dict[str, Any]) -> dict[str, Any]:
                     "schema": {
                         "type": "object",
                         "required": ["model"],
-                        "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"}},
+                        "properties": {
+                            "model": {"type": "string", "minLength": 1},
+                            "stream": {"type": "boolean"},
+                        },
                         "additionalProperties": True,
                     },
                     "example": example,
@@ -164,11 +167,11 @@ def _body_doc(description: str, example: dict[str, Any]) -> dict[str, Any]:
 
 
 _ERRORS_DOC: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Invalid JSON or fields (OpenAI error envelope)"},
-    404: {"description": "Unknown model: `model_not_found`"},
-    413: {"description": "Body too large"},
-    502: {"description": "The engine failed"},
-    503: {"description": "Wait queue full, no capacity, or cold start timed out; has `Retry-After`"},
+    400: error_doc("Invalid JSON or fields, or the model failed to start recently (`model_failed`)"),
+    404: error_doc("Unknown model: `model_not_found`"),
+    413: error_doc("Body too large"),
+    502: error_doc("The engine failed"),
+    503: error_doc("Wait queue full, no capacity, or cold start timed out; has `Retry-After`"),
 }
 
 
