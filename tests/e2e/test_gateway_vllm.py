@@ -111,3 +111,36 @@ def test_herd_idle_teardown_and_sigterm(gateway_factory) -> None:  # type: ignor
     assert "gateway stopped" in gw.log.read_text()
     assert gw.live_engine_groups() == []
     assert all(d.state == "stopped" for d in store.deployments(model=MODEL))
+
+
+def test_stream_usage_is_read_without_changing_what_the_client_sees(hot_gateway: GatewayProcess) -> None:
+    """Against real vLLM: the gateway asks for usage; the client's events are the engine's own."""
+    import json
+
+    import httpx
+
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 6, "temperature": 0, "stream": True}
+    client(hot_gateway).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)  # warm
+    [dep] = [d for d in hot_gateway.store().deployments(model=MODEL) if d.state == "ready"]
+
+    def events(url: str) -> list[dict]:
+        with httpx.Client(timeout=120) as http:
+            text = http.post(f"{url}/v1/chat/completions", json=body).text
+        out = []
+        for line in text.split("\n\n"):
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                event.pop("id"), event.pop("created")
+                out.append(event)
+        return out
+
+    direct, via = events(dep.endpoint), events(hot_gateway.base_url)
+    assert via == direct
+    assert all("usage" not in e for e in via)
+    assert via[-1].get("system_fingerprint")  # where vLLM puts it without usage
+
+    def streamed() -> list:
+        return [u for u in hot_gateway.store().usage() if u.stream and u.status == 200]
+
+    assert wait_until(lambda: streamed() != [], timeout=10)  # usage rows are written in batches
+    assert streamed()[-1].completion_tokens and streamed()[-1].prompt_tokens
