@@ -149,6 +149,11 @@ def create_app(
             for s in catalog.specs.values()
         )
         await reconcile(controller, catalog, unknown=settings.reconcile_unknown)
+        # Series that exist from the start: Prometheus' increase() ignores a series' first sample.
+        for spec in catalog.specs.values():
+            if not spec.external:
+                for phase in ("launching", "loading", "total"):
+                    metrics.cold_start.labels(model=spec.id, phase=phase)
         loop_task = asyncio.create_task(reaper.run(), name="reaper")
         log.info("gateway ready: %d models, provider %s", len(catalog.specs), provider.name)
         try:

@@ -40,6 +40,7 @@ def test_no_server_errors_and_schema_conformance(api_schema: schemathesis.BaseSc
             max_examples=EXAMPLES_PER_OPERATION,
             deadline=None,
             suppress_health_check=list(HealthCheck),
+            derandomize=True,
             database=None,
         )
         def check(case: schemathesis.Case) -> None:
