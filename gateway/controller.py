@@ -521,11 +521,8 @@ class Controller:
         """Write the last-used times gathered in memory since the previous flush."""
         batch = self.activity.take_dirty()
         if batch:
-            self.store.touch_models(batch)
-            for model, at in batch.items():
-                live = self._live.get(model)
-                if live is not None:
-                    self.store.update_deployment(live.deployment_id, last_used_at=at)
+            deployments = {self._live[m].deployment_id: at for m, at in batch.items() if m in self._live}
+            self.store.touch_models(batch, deployments)
 
     # -- helpers ----------------------------------------------------------------------------
 

@@ -68,17 +68,24 @@ class Store:
                     row.kind = rec.kind
             s.commit()
 
-    def touch_models(self, last_used: Mapping[str, datetime]) -> None:
-        """Write a batch of last-used times (collected in memory by the gateway)."""
-        if not last_used:
+    def touch_models(
+        self, last_used: Mapping[str, datetime], deployments: Mapping[str, datetime] | None = None
+    ) -> None:
+        """Write a batch of last-used times (collected in memory by the gateway) of models and of
+        their live deployments, in one transaction with one statement per table."""
+        if not last_used and not deployments:
             return
         with Session(self.engine) as s:
-            for model_id, at in last_used.items():
-                row = s.get(ModelRecord, model_id)
-                if row is None:
-                    s.add(ModelRecord(id=model_id, last_used_at=at))
-                else:
-                    row.last_used_at = at
+            known = set(s.exec(select(ModelRecord.id).where(col(ModelRecord.id).in_(list(last_used)))))
+            missing = [ModelRecord(id=m, last_used_at=at) for m, at in last_used.items() if m not in known]
+            s.add_all(missing)
+            rows = [{"id": m, "last_used_at": at} for m, at in last_used.items() if m in known]
+            if rows:
+                s.execute(update(ModelRecord), rows)
+            if deployments:
+                s.execute(
+                    update(Deployment), [{"id": d, "last_used_at": at} for d, at in deployments.items()]
+                )
             s.commit()
 
     def set_overrides(self, model_id: str, *, priority: int | None, keep_hot_seconds: float | None) -> None:
