@@ -9,7 +9,6 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,7 +24,7 @@ from gateway.lease import ControllerLease, stop_this_process
 from gateway.ledger import Ledger, PriceBook
 from gateway.metrics import Metrics, StateCollector
 from gateway.openai_api import OpenAIGateway, openai_router
-from gateway.proxy import Proxy, new_http_client
+from gateway.proxy import Proxy
 from gateway.reaper import Reaper
 from gateway.reconcile import reconcile
 from gateway.reference import Catalog, load_reference
@@ -108,7 +107,6 @@ def create_app(
     settings: Settings,
     provider: Provider | None = None,
     clock: Clock = system_clock,
-    http_client: httpx.AsyncClient | None = None,
     on_lease_lost: Callable[[], None] = stop_this_process,
 ) -> FastAPI:
     catalog = Catalog(load_reference(settings.model_reference), allow_unlisted=settings.allow_unlisted_models)
@@ -130,12 +128,19 @@ def create_app(
     )
     reaper = Reaper(controller, usage, settings)
     lease = ControllerLease(store, clock, seconds=settings.controller_lease_seconds)
-    client = http_client or new_http_client(settings.upstream_timeout_seconds)
+    proxy = Proxy(
+        settings.upstream_timeout_seconds,
+        activity,
+        usage,
+        clock,
+        metrics,
+        on_engine_error=controller.engine_error,
+    )
     gateway = OpenAIGateway(
         settings=settings,
         catalog=catalog,
         controller=controller,
-        proxy=Proxy(client, activity, usage, clock, metrics, on_engine_error=controller.engine_error),
+        proxy=proxy,
     )
 
     @contextlib.asynccontextmanager
@@ -170,8 +175,7 @@ def create_app(
             lease.release()
             controller.flush_activity()
             await usage.flush()
-            if http_client is None:
-                await client.aclose()
+            await proxy.close()
             store.close()
             log.info("gateway stopped")
 

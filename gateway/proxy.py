@@ -1,16 +1,22 @@
-"""Forwarding to engines through one shared httpx client. Bytes pass through untouched, and the
-engine's status code and headers reach the client as they are (the one exception: a usage
-event the gateway asked for on the client's behalf is removed again, see stream_usage.py)."""
+"""Forwarding to engines through one shared aiohttp session. Bytes pass through untouched (no
+decompression), and the engine's status code and headers reach the client as they are (the one
+exception: a usage event the gateway asked for on the client's behalf is removed again, see
+stream_usage.py).
+
+aiohttp rather than httpx: at 32 concurrent requests to a fast upstream on our 2-core
+machines, httpx's connection pool made 142 requests/s where aiohttp made 4,089 (measured in
+one run, same process and stub)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -49,15 +55,21 @@ def request_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in _DROP_REQUEST}
 
 
-def response_headers(headers: httpx.Headers) -> dict[str, str]:
+def response_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in _DROP_RESPONSE}
 
 
-def new_http_client(read_timeout: float) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=5.0, read=read_timeout, write=30.0, pool=30.0),
-        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
-        follow_redirects=False,
+# Errors of an engine that did not answer or broke off.
+UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+def new_http_session(read_timeout: float) -> aiohttp.ClientSession:
+    """Created inside the running event loop (on first use)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=30),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=read_timeout),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent",),
     )
 
 
@@ -78,14 +90,15 @@ class Call:
 class Proxy:
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        read_timeout: float,
         activity: Activity,
         usage: UsageRecorder,
         clock: Clock,
         metrics: Metrics,
         on_engine_error: Callable[[Route, str], None] = lambda route, reason: None,
     ) -> None:
-        self.client = client
+        self.read_timeout = read_timeout
+        self._session: aiohttp.ClientSession | None = None
         self.activity = activity
         self.usage = usage
         self.clock = clock
@@ -93,15 +106,28 @@ class Proxy:
         # Told when an engine did not answer or broke off: the controller checks whether it died.
         self.on_engine_error = on_engine_error
 
-    async def _send(self, call: Call, body: bytes, headers: Mapping[str, str]) -> httpx.Response:
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = new_http_session(self.read_timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _send(self, call: Call, body: bytes, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
         route = call.route
-        request = self.client.build_request(
-            "POST", route.base_url + call.path, content=body, headers=request_headers(headers)
-        )
         call.upstream_started = time.perf_counter()
         try:
-            return await self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            return await self.session.request(
+                "POST",
+                route.base_url + call.path,
+                data=body,
+                headers=request_headers(headers),
+                allow_redirects=False,
+            )
+        except UPSTREAM_ERRORS as exc:
             log.warning("engine for %s at %s unreachable: %s", route.model, route.base_url, exc)
             self.on_engine_error(route, f"unreachable: {type(exc).__name__}")
             raise bad_gateway(f"The engine for {route.model} did not answer: {type(exc).__name__}") from exc
@@ -143,24 +169,24 @@ class Proxy:
             call.status = exc.status
             self.finish(call)
             raise
-        call.status = upstream.status_code
+        call.status = upstream.status
         if call.stream:
             return RelayResponse(_Relay(self, call, upstream))
         try:
-            content = b"".join([chunk async for chunk in upstream.aiter_raw()])
-        except httpx.HTTPError as exc:
+            content = await upstream.read()
+        except UPSTREAM_ERRORS as exc:
+            upstream.close()
             call.status = 502
             self.finish(call)
             self.on_engine_error(call.route, f"broke off an answer: {type(exc).__name__}")
             raise bad_gateway(
                 f"The engine for {call.route.model} broke off its answer: {type(exc).__name__}"
             ) from exc
-        finally:
-            await upstream.aclose()
+        upstream.release()
         upstream_seconds = time.perf_counter() - call.upstream_started
         encoded = "content-encoding" in upstream.headers
         self.finish(call, None if encoded else content, upstream_seconds)
-        return Response(content, status_code=upstream.status_code, headers=response_headers(upstream.headers))
+        return Response(content, status_code=upstream.status, headers=response_headers(upstream.headers))
 
     async def relay_into_open_stream(
         self, call: Call, body: bytes, headers: Mapping[str, str]
@@ -175,14 +201,16 @@ class Proxy:
             self.finish(call)
             yield exc.sse_event()
             return
-        call.status = upstream.status_code
-        if upstream.status_code >= 400:
+        call.status = upstream.status
+        if upstream.status >= 400:
             try:
-                raw = await upstream.aread()
+                raw = await upstream.read()
+            except UPSTREAM_ERRORS:
+                raw = b""
             finally:
-                await upstream.aclose()
+                upstream.release()
             self.finish(call)
-            yield error_event_from_engine(raw, upstream.status_code)
+            yield error_event_from_engine(raw, upstream.status)
             return
         relay = _Relay(self, call, upstream)
         try:
@@ -196,24 +224,26 @@ class _Relay:
     """One engine stream being relayed; `close()` runs exactly once whether or not the body was
     ever iterated (a client may disconnect before the first chunk)."""
 
-    def __init__(self, proxy: Proxy, call: Call, upstream: httpx.Response) -> None:
+    def __init__(self, proxy: Proxy, call: Call, upstream: aiohttp.ClientResponse) -> None:
         self.proxy = proxy
         self.call = call
         self.upstream = upstream
         self._closed = False
-        if upstream.status_code >= 400:
+        self._complete = False
+        if upstream.status >= 400:
             call.usage = None  # an error body is passed through as it is
 
     async def body(self) -> AsyncIterator[bytes]:
         usage = self.call.usage
         try:
-            async for chunk in self.upstream.aiter_raw():
+            async for chunk in self.upstream.content.iter_any():
                 out = usage.feed(chunk) if usage is not None else chunk
                 if out:
                     yield out
+            self._complete = True
             if usage is not None and (rest := usage.close()):
                 yield rest
-        except httpx.HTTPError as exc:
+        except UPSTREAM_ERRORS as exc:
             self.call.status = 502
             log.warning("engine for %s broke off a stream: %s", self.call.route.model, exc)
             self.proxy.on_engine_error(self.call.route, f"broke off a stream: {type(exc).__name__}")
@@ -226,7 +256,12 @@ class _Relay:
             return
         self._closed = True
         try:
-            await self.upstream.aclose()
+            # A stream read to its end gives its connection back; one cut short (client gone)
+            # closes it, which tells the engine to stop generating.
+            if self._complete:
+                self.upstream.release()
+            else:
+                self.upstream.close()
         finally:
             self.proxy.finish(self.call)
 
@@ -235,7 +270,7 @@ class RelayResponse(StreamingResponse):
     def __init__(self, relay: _Relay) -> None:
         super().__init__(
             relay.body(),
-            status_code=relay.upstream.status_code,
+            status_code=relay.upstream.status,
             headers=response_headers(relay.upstream.headers),
         )
         self.relay = relay
