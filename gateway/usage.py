@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from gateway.metrics import Metrics
-from state import Store, Usage
+from state import Store
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +43,20 @@ def _tokens(body: bytes | None, usage: dict[str, Any] | None = None) -> tuple[in
     return (prompt if isinstance(prompt, int) else None, completion if isinstance(completion, int) else None)
 
 
-def to_row(rec: UsageRecord) -> Usage:
+def to_row(rec: UsageRecord) -> dict[str, Any]:
+    """The `usage` table row of a record (a plain dict: inserted in bulk)."""
     prompt, completion = _tokens(rec.body, rec.usage)
-    return Usage(
-        at=rec.at,
-        model=rec.model,
-        deployment_id=rec.deployment_id,
-        path=rec.path,
-        status=rec.status,
-        stream=rec.stream,
-        latency_ms=round(rec.latency_ms, 3),
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-    )
+    return {
+        "at": rec.at,
+        "model": rec.model,
+        "deployment_id": rec.deployment_id,
+        "path": rec.path,
+        "status": rec.status,
+        "stream": rec.stream,
+        "latency_ms": round(rec.latency_ms, 3),
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+    }
 
 
 class UsageRecorder:
@@ -71,10 +72,16 @@ class UsageRecorder:
         batch, self._pending = self._pending, []
         if not batch:
             return 0
+        return await asyncio.to_thread(self._write, batch)
+
+    def _write(self, batch: list[UsageRecord]) -> int:
+        """In a thread: parse token counts, count them, insert the rows."""
         rows = [to_row(rec) for rec in batch]
         for row in rows:
-            if row.prompt_tokens:
-                self.metrics.tokens.labels(model=row.model, kind="prompt").inc(row.prompt_tokens)
-            if row.completion_tokens:
-                self.metrics.tokens.labels(model=row.model, kind="completion").inc(row.completion_tokens)
-        return await asyncio.to_thread(self.store.add_usage, rows)
+            if row["prompt_tokens"]:
+                self.metrics.tokens.labels(model=row["model"], kind="prompt").inc(row["prompt_tokens"])
+            if row["completion_tokens"]:
+                self.metrics.tokens.labels(model=row["model"], kind="completion").inc(
+                    row["completion_tokens"]
+                )
+        return self.store.add_usage(rows)

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event, func, or_, update
+from sqlalchemy import Engine, event, func, insert, or_, update
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, create_engine, select
@@ -335,13 +335,14 @@ class Store:
                 s.delete(row)
                 s.commit()
 
-    def add_usage(self, rows: Iterable[Usage]) -> int:
-        batch = list(rows)
-        if batch:
+    def add_usage(self, rows: Iterable[Usage | Mapping[str, Any]]) -> int:
+        """Insert usage rows in one statement (executemany): they come in batches of thousands."""
+        values = [r.model_dump(exclude={"id"}) if isinstance(r, Usage) else dict(r) for r in rows]
+        if values:
             with Session(self.engine) as s:
-                s.add_all(batch)
+                s.execute(insert(Usage), values)
                 s.commit()
-        return len(batch)
+        return len(values)
 
     def usage(self, *, since: datetime | None = None, until: datetime | None = None) -> list[Usage]:
         with Session(self.engine) as s:
