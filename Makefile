@@ -38,5 +38,6 @@ test: venv engine lint
 clean:
 	rm -rf $(VENV) .venv-engine data .mypy_cache .ruff_cache .pytest_cache
 
+# Benchmarks: every figure against a baseline of the same run; bench/README.md says what each is.
 bench: venv engine
-	$(BIN)/python -m bench.cold_and_hot
+	$(BIN)/python -m bench

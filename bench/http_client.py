@@ -76,7 +76,9 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             if self.waiter is not None and not self.waiter.done():
-                self.waiter.set_exception(exc)
+                self.waiter.set_exception(ConnectionError(f"invalid HTTP response: {exc}"))
+            if self.transport is not None:
+                self.transport.close()
 
     # httptools callbacks
     def on_body(self, body: bytes) -> None:

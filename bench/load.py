@@ -29,10 +29,12 @@ async def interleaved(
     time_limit: float,
     stream: bool = False,
     warmup: int = 20,
+    pause: float = 0.0,
 ) -> dict[str, Series]:
     """One request at a time. Each round sends one request to every target (`name -> (url,
     request bytes)`), rotating the order every round so that no target always goes first; machine
-    noise then hits all targets alike. Stops after `rounds` or `time_limit` seconds."""
+    noise then hits all targets alike. `pause`: seconds of silence before each request. Stops
+    after `rounds` or `time_limit` seconds."""
     names = list(requests)
     clients = {name: Client(url) for name, (url, _) in requests.items()}
     series = {name: Series() for name in names}
@@ -46,6 +48,8 @@ async def interleaved(
                 break
             shift = n % len(names)
             for name in names[shift:] + names[:shift]:
+                if pause:
+                    await asyncio.sleep(pause)
                 try:
                     reply = await clients[name].send(requests[name][1], stream=stream)
                 except (OSError, TimeoutError):

@@ -127,11 +127,12 @@ def running(server: Server) -> Iterator[Server]:
 
 
 def stub_server(
-    workdir: Path, *, chunks: int = 200, ready_after: float = 0.0, name: str = "stub"
+    workdir: Path, *, chunks: int = 200, first_gap: float = 0.0, ready_after: float = 0.0, name: str = "stub"
 ) -> Server:
     """The fast stub upstream (bench/stub_server.py) in its own process."""
     port = free_port()
     argv = [sys.executable, "-m", "bench.stub_server", "--port", str(port), "--chunks", str(chunks)]
+    argv += ["--first-gap-ms", str(first_gap * 1000)]
     if ready_after:
         argv += ["--ready-after", str(ready_after)]
     return start_server(name, argv, port=port, log=workdir / f"{name}.log")

@@ -12,13 +12,15 @@ import math
 import operator
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-RESULTS_DIR = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "bench" / "results"
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
@@ -39,7 +41,7 @@ class Target:
         return not math.isnan(value) and _OPS[self.op](value, self.threshold)
 
     def __str__(self) -> str:
-        return f"{self.op} {fmt(self.threshold)}{(' ' + self.unit) if self.unit else ''}"
+        return f"{self.op} {self.threshold:,g}{(' ' + self.unit) if self.unit else ''}"
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Row:
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
+        out["value"] = round(self.value, 4)
         out["target"] = str(self.target) if self.target else None
         out["met"] = self.met
         return out
@@ -77,10 +80,11 @@ class BenchResult:
     seconds: float = 0.0
 
 
-def fmt(value: float) -> str:
+def fmt(value: float, unit: str = "") -> str:
+    """A figure with about three significant digits; unit-less whole numbers (counts) as such."""
     if isinstance(value, float) and math.isnan(value):
         return "n/a"
-    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 10:
+    if not unit and float(value).is_integer():
         return f"{int(value):,}"
     magnitude = abs(value)
     if magnitude >= 100:
@@ -101,7 +105,7 @@ def table(results: Sequence[BenchResult]) -> str:
             continue
         for row in res.rows:
             met = {None: "", True: "yes", False: "NO"}[row.met]
-            result = f"{fmt(row.value)}{(' ' + row.unit) if row.unit else ''}"
+            result = f"{fmt(row.value, row.unit)}{(' ' + row.unit) if row.unit else ''}"
             lines.append(
                 (row.bench, row.metric, row.baseline, row.subject, result, str(row.target or ""), met)
             )
@@ -126,8 +130,28 @@ def notes(results: Sequence[BenchResult]) -> str:
     return "\n".join(out)
 
 
+def git_commit() -> str | None:
+    """The checked-out commit, with `+dirty` when the work tree has changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def machine() -> dict[str, Any]:
     return {
+        "commit": git_commit(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -135,14 +159,17 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_json(results: Sequence[BenchResult], *, quick: bool, started: float) -> Path:
-    """Write bench/results/bench-<time>.json (and latest.json, a copy); return the path."""
+def write_json(
+    results: Sequence[BenchResult], *, quick: bool, started: float, machine_info: dict[str, Any]
+) -> Path:
+    """Write bench/results/bench-<time>.json (and latest.json, a copy); return the path.
+    `machine_info` is `machine()` read when the run started (the commit may move during it)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
     payload = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "quick": quick,
-        "machine": machine(),
+        "machine": machine_info,
         "benchmarks": {
             res.name: {
                 "seconds": round(res.seconds, 1),

@@ -5,10 +5,11 @@ the gateway. Answers:
 - `GET /health`: 200 (503 until `--ready-after` seconds have passed);
 - `POST /v1/chat/completions` (and `/v1/completions`): a fixed chat completion, or with
   `"stream": true`, `--chunks` SSE events then `data: [DONE]`, each event its own write (chunked
-  transfer encoding), the stream yielding to the event loop between events;
+  transfer encoding), the stream yielding to the event loop between events and pausing
+  `--first-gap-ms` after the first one (like an engine's first token, then the rest);
 - anything else: 404.
 
-Run: python -m bench.stub_server --port N [--chunks 200] [--ready-after S]
+Run: python -m bench.stub_server --port N [--chunks 200] [--first-gap-ms 0] [--ready-after S]
 """
 
 from __future__ import annotations
@@ -128,9 +129,10 @@ class StubProtocol(asyncio.Protocol):
 
     async def stream(self, transport: asyncio.Transport, model: str) -> None:
         transport.write(STREAM_HEAD)
-        for event in self.app.events(model):
+        for n, event in enumerate(self.app.events(model)):
             transport.write(_chunk(event))
-            await asyncio.sleep(0)  # one event per write and per loop turn, like a token stream
+            # one event per write and per loop turn, like a token stream
+            await asyncio.sleep(self.app.first_gap if n == 0 else 0)
         transport.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
         self.streaming = None
         if not self.parser.should_keep_alive():
@@ -138,10 +140,11 @@ class StubProtocol(asyncio.Protocol):
 
 
 class StubApp:
-    def __init__(self, *, chunks: int, ready_after: float) -> None:
+    def __init__(self, *, chunks: int, ready_after: float, first_gap: float = 0.0) -> None:
         self.started = time.monotonic()
         self.ready_after = ready_after
         self.chunks = chunks
+        self.first_gap = first_gap
         self._completions: dict[str, bytes] = {}
         self._events: dict[str, list[bytes]] = {}
 
@@ -174,12 +177,16 @@ async def serve(port: int, app: StubApp) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--chunks", type=int, default=200, help="SSE events per streamed answer")
+    parser.add_argument("--first-gap-ms", type=float, default=0.0, help="pause after a stream's first event")
     parser.add_argument("--ready-after", type=float, default=0.0, help="/health is 503 until then")
     args = parser.parse_args()
-    uvloop.run(serve(args.port, StubApp(chunks=args.chunks, ready_after=args.ready_after)))
+    app = StubApp(chunks=args.chunks, ready_after=args.ready_after, first_gap=args.first_gap_ms / 1000)
+    uvloop.run(serve(args.port, app))
 
 
 if __name__ == "__main__":
