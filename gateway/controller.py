@@ -482,11 +482,13 @@ class Controller:
 
     def record_activity(self, since: datetime, now: datetime) -> None:
         """Tell the ledger which ready deployments served traffic since the previous tick."""
-        for view in self.views():
-            if view.state is S.READY:
-                last = self.activity.last_request(view.model)
-                serving = view.in_flight > 0 or (last is not None and last > since)
-                self.ledger.activity(view.deployment_id, view.model, serving=serving, since=since)
+        windows = []
+        for model, live in self._live.items():
+            if live.state is S.READY:
+                last = self.activity.last_request(model)
+                served = self.activity.in_flight(model) > 0 or (last is not None and last > since)
+                windows.append((live.deployment_id, model, served))
+        self.ledger.activity(windows, since=since)
         self.store.check_open_intervals(now)
 
     async def heartbeat_due(self, now: datetime) -> None:

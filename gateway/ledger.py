@@ -8,10 +8,11 @@ model's at the moment of the swap, on the same cluster and price.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 
 from state import CostInterval, DeploymentState, Store
+from state.store import IntervalChange
 from tasks.provider import ClusterRef
 
 S = DeploymentState
@@ -74,13 +75,20 @@ class Ledger:
             if phase is not None:
                 self._enter(deployment_id, model, phase, at)
 
-    def activity(self, deployment_id: str, model: str, *, serving: bool, since: datetime) -> None:
-        """Once per tick for a ready deployment: did it serve traffic in the window that began at
-        `since` (the previous tick)? The window is labelled from its start, so a request between
-        two ticks is billed as serving from the first of them."""
-        if self._phase.get(deployment_id) in ("serving", "idle"):
-            start = self._start.get(deployment_id, since)
-            self._enter(deployment_id, model, "serving" if serving else "idle", max(since, start))
+    def activity(self, windows: Iterable[tuple[str, str, bool]], *, since: datetime) -> None:
+        """Once per tick, for each ready deployment (id, model, served traffic?): label the window
+        that began at `since` (the previous tick) serving or idle. The window is labelled from its
+        start, so a request between two ticks is billed as serving from the first of them. All
+        phase changes of a tick are written in one transaction."""
+        changes = []
+        for deployment_id, model, serving in windows:
+            if self._phase.get(deployment_id) in ("serving", "idle"):
+                start = self._start.get(deployment_id, since)
+                change = self._plan(deployment_id, model, "serving" if serving else "idle", max(since, start))
+                if change is not None:
+                    changes.append(change)
+        if changes:
+            self.store.change_intervals(changes)
 
     def discard(self, deployment_id: str) -> None:
         """Nothing was ever held (no capacity): the deployment costs nothing."""
@@ -98,16 +106,24 @@ class Ledger:
         self._price[deployment_id] = (cluster, gpus, price)
 
     def _enter(self, deployment_id: str, model: str, phase: str, at: datetime) -> None:
+        change = self._plan(deployment_id, model, phase, at)
+        if change is not None:
+            self.store.change_intervals([change])
+
+    def _plan(self, deployment_id: str, model: str, phase: str, at: datetime) -> IntervalChange | None:
+        """Update the in-memory view and say what the store must do (None: nothing)."""
         if self._phase.get(deployment_id) == phase:
-            return
+            return None
         if deployment_id in self._phase and self._start.get(deployment_id) == at:
             # The open interval has not lasted a moment: relabel it rather than leave a 0-second one.
-            self.store.update_open_interval(deployment_id, phase=phase)
             self._phase[deployment_id] = phase
-            return
+            return IntervalChange(deployment_id=deployment_id, relabel=phase)
         cluster, gpus, price = self._price.get(deployment_id, (None, 0, 0.0))
-        self.store.open_interval(
-            CostInterval(
+        self._phase[deployment_id] = phase
+        self._start[deployment_id] = at
+        return IntervalChange(
+            deployment_id=deployment_id,
+            open=CostInterval(
                 deployment_id=deployment_id,
                 model=model,
                 cluster=cluster,
@@ -117,10 +133,8 @@ class Ledger:
                 hourly_price=price,
                 started_at=at,
                 checked_at=at,
-            )
+            ),
         )
-        self._phase[deployment_id] = phase
-        self._start[deployment_id] = at
 
     def _forget(self, deployment_id: str) -> None:
         self._phase.pop(deployment_id, None)

@@ -8,6 +8,7 @@ so two writers can never both move a deployment out of the same state.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,16 @@ def make_engine(url: str) -> Engine:
     engine = create_engine(url, connect_args={"check_same_thread": False})
     event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+@dataclass(frozen=True)
+class IntervalChange:
+    """One cost-ledger change: open a new interval (closing the deployment's open one at its
+    start), or relabel the open one's phase."""
+
+    deployment_id: str
+    open: CostInterval | None = None
+    relabel: str | None = None
 
 
 class Store:
@@ -228,16 +239,21 @@ class Store:
 
     def open_interval(self, interval: CostInterval) -> None:
         """Close the deployment's open interval (if any) at the new one's start, then open it."""
+        self.change_intervals([IntervalChange(deployment_id=interval.deployment_id, open=interval)])
+
+    def change_intervals(self, changes: Iterable[IntervalChange]) -> None:
+        """Apply ledger changes in one transaction."""
         with Session(self.engine) as s:
-            s.exec(
-                update(CostInterval)
-                .where(
-                    col(CostInterval.deployment_id) == interval.deployment_id,
+            for change in changes:
+                is_open = (
+                    col(CostInterval.deployment_id) == change.deployment_id,
                     col(CostInterval.ended_at).is_(None),
                 )
-                .values(ended_at=interval.started_at)
-            )
-            s.add(interval)
+                if change.open is not None:
+                    s.exec(update(CostInterval).where(*is_open).values(ended_at=change.open.started_at))
+                    s.add(change.open)
+                elif change.relabel is not None:
+                    s.exec(update(CostInterval).where(*is_open).values(phase=change.relabel))
             s.commit()
 
     def close_interval(
