@@ -63,7 +63,10 @@ def test_kill_9_during_cold_start_and_while_serving(tmp_path: Path) -> None:
         assert sorted(d.state for d in store.deployments()) == ["ready", "stopped", "stopped"]
     finally:
         for gw in gateways:
-            gw.kill_everything()
+            try:
+                gw.terminate(timeout=60)  # the live one stops its engine (and its private TMPDIR)
+            finally:
+                gw.kill_everything()
 
 
 def _quiet_post(base_url: str) -> None:
