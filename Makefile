@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test venv engine lint unit e2e bench clean
+.PHONY: run test venv engine lint unit e2e bench bench-quick litellm clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -36,8 +36,15 @@ test: venv engine lint
 	$(BIN)/pytest -q
 
 clean:
-	rm -rf $(VENV) .venv-engine data .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-engine .venv-litellm data .mypy_cache .ruff_cache .pytest_cache
 
 # Benchmarks: every figure against a baseline of the same run; bench/README.md says what each is.
 bench: venv engine
 	$(BIN)/python -m bench
+
+bench-quick: venv engine
+	$(BIN)/python -m bench --quick
+
+# Optional (~750 MB, its own venv): LiteLLM's proxy side by side in the proxy benchmark.
+litellm:
+	PYTHON=$(PYTHON) scripts/setup_litellm.sh

@@ -242,19 +242,24 @@ class Store:
         self.change_intervals([IntervalChange(deployment_id=interval.deployment_id, open=interval)])
 
     def change_intervals(self, changes: Iterable[IntervalChange]) -> None:
-        """Apply ledger changes in one transaction."""
-        with Session(self.engine) as s:
-            for change in changes:
-                is_open = (
-                    col(CostInterval.deployment_id) == change.deployment_id,
-                    col(CostInterval.ended_at).is_(None),
-                )
-                if change.open is not None:
-                    s.exec(update(CostInterval).where(*is_open).values(ended_at=change.open.started_at))
-                    s.add(change.open)
-                elif change.relabel is not None:
-                    s.exec(update(CostInterval).where(*is_open).values(phase=change.relabel))
-            s.commit()
+        """Apply ledger changes in one transaction: first close or relabel the open intervals,
+        then insert the new ones in one statement (a deployment has at most one change)."""
+        updates, inserts = [], []
+        for change in changes:
+            is_open = (
+                col(CostInterval.deployment_id) == change.deployment_id,
+                col(CostInterval.ended_at).is_(None),
+            )
+            if change.open is not None:
+                updates.append(update(CostInterval).where(*is_open).values(ended_at=change.open.started_at))
+                inserts.append(change.open.model_dump(exclude={"id"}))
+            elif change.relabel is not None:
+                updates.append(update(CostInterval).where(*is_open).values(phase=change.relabel))
+        with self.engine.begin() as conn:  # core statements: no ORM session to synchronise
+            for statement in updates:
+                conn.execute(statement)
+            if inserts:
+                conn.execute(insert(CostInterval), inserts)
 
     def close_interval(
         self, deployment_id: str, *, at: datetime, relabel: dict[str, str] | None = None
