@@ -198,15 +198,12 @@ def admin_router(*, settings: Settings, catalog: Catalog, controller: Controller
         ),
     )
     async def info() -> dict[str, Any]:
-        views = controller.views()
-        by_state: dict[str, int] = {}
-        for view in views:
-            by_state[view.state.value] = by_state.get(view.state.value, 0) + 1
+        by_state, gpus = controller.holdings()
         return {
             "version": __version__,
             "provider": controller.provider.name,
             "models": len(catalog.specs),
-            "gpus_in_use": sum(v.gpus for v in views),
+            "gpus_in_use": gpus,
             "deployments": by_state,
             "failures": len(controller.failures),
             "settings": settings_view(settings),

@@ -206,13 +206,10 @@ def create_app(
     app.include_router(admin_router(settings=settings, catalog=catalog, controller=controller, store=store))
 
     def scrape_state() -> dict[str, Any]:
-        views = controller.views()
-        by_state: dict[str, int] = {}
-        for view in views:
-            by_state[view.state.value] = by_state.get(view.state.value, 0) + 1
+        by_state, gpus = controller.holdings()
         return {
             "deployments": by_state,
-            "gpus_in_use": sum(v.gpus for v in views),
+            "gpus_in_use": gpus,
             "waiting": controller.waiting_all(),
             "costs": totals(spans_of(store.intervals()), now=clock()),
         }

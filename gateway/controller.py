@@ -87,6 +87,15 @@ class Controller:
     def waiting_all(self) -> dict[str, int]:
         return dict(self._waiting)
 
+    def holdings(self) -> tuple[dict[str, int], int]:
+        """Live deployments by state, and the GPUs they hold (for /admin/info and /metrics)."""
+        by_state: dict[str, int] = {}
+        gpus = 0
+        for view in self.views():
+            by_state[view.state.value] = by_state.get(view.state.value, 0) + 1
+            gpus += view.gpus
+        return by_state, gpus
+
     def live(self, model: str) -> LiveDeployment | None:
         return self._live.get(model)
 
