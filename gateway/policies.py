@@ -157,11 +157,6 @@ def cron_fired(expression: str, timezone: str, since: datetime, now: datetime) -
     return bool(nxt <= now.astimezone(zone))
 
 
-def next_firing(expression: str, timezone: str, after: datetime) -> datetime:
-    nxt: datetime = croniter(expression, after.astimezone(ZoneInfo(timezone))).get_next(datetime)
-    return nxt
-
-
 @dataclass(frozen=True)
 class Schedule:
     cron: str

@@ -159,9 +159,9 @@ class Proxy:
             )
         )
 
-    async def forward(self, call: Call, body: bytes, headers: Mapping[str, str]) -> Response:
-        """Proxy one request and return the engine's response: buffered when the client asked for
-        no stream, streamed chunk by chunk otherwise."""
+    async def _open(self, call: Call, body: bytes, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+        """Count the request in flight and send it; an engine that does not answer is accounted
+        for here and raised as a GatewayError (502)."""
         self.activity.begin(call.route.model, self.clock())
         try:
             upstream = await self._send(call, body, headers)
@@ -170,6 +170,12 @@ class Proxy:
             self.finish(call)
             raise
         call.status = upstream.status
+        return upstream
+
+    async def forward(self, call: Call, body: bytes, headers: Mapping[str, str]) -> Response:
+        """Proxy one request and return the engine's response: buffered when the client asked for
+        no stream, streamed chunk by chunk otherwise."""
+        upstream = await self._open(call, body, headers)
         if call.stream:
             return RelayResponse(_Relay(self, call, upstream))
         try:
@@ -193,15 +199,11 @@ class Proxy:
     ) -> AsyncIterator[bytes]:
         """For a stream whose 200 and first bytes (loading comments) are already sent: relay the
         engine's events, and turn an engine error status into one SSE error event."""
-        self.activity.begin(call.route.model, self.clock())
         try:
-            upstream = await self._send(call, body, headers)
+            upstream = await self._open(call, body, headers)
         except GatewayError as exc:
-            call.status = exc.status
-            self.finish(call)
             yield exc.sse_event()
             return
-        call.status = upstream.status
         if upstream.status >= 400:
             try:
                 raw = await upstream.read()
