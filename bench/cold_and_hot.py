@@ -38,8 +38,8 @@ from bench.procs import ROOT, Server, free_port
 from bench.report import BenchResult, Row, Target
 from bench.stats import median, summary_ms
 from bench.suite import Context
-from gateway.reference import load_reference
-from gateway.settings import DEFAULT_ENGINE_COMMAND
+from gateway.config.reference import load_reference
+from gateway.config.settings import DEFAULT_ENGINE_COMMAND
 from tasks.local import ENGINE_HOST, render_command
 from tasks.provider import LaunchSpec
 

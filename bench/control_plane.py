@@ -24,7 +24,7 @@ from bench.report import BenchResult, Row, Target
 from bench.stats import median
 from bench.suite import Context
 from gateway.app import create_app
-from gateway.settings import Settings
+from gateway.config.settings import Settings
 from state import ModelRecord
 from tests.fakes import FakeProvider
 

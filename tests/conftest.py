@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from gateway.app import create_app
 from gateway.clock import Clock, system_clock
-from gateway.settings import Settings
+from gateway.config.settings import Settings
 from tasks.provider import Provider
 from tests.stub_upstream import make_app, serve_in_thread
 

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gateway.app import create_app
-from gateway.cli import app as cli
+from gateway.cli.main import app as cli
 from tests.conftest import ADMIN_TOKEN, make_settings
 from tests.fakes import FakeProvider
 from tests.stub_upstream import serve_in_thread

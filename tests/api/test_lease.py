@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from gateway.app import create_app
-from gateway.lease import ControllerLease, holder_id, holder_is_dead
+from gateway.control.lease import ControllerLease, holder_id, holder_is_dead
 from state import Store
 from tests.api.test_lifecycle import FakeClock
 from tests.conftest import make_settings, running_gateway

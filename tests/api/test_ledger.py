@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from gateway.deployments import ref_json
+from gateway.control.fleet import ref_json
 from state import CostInterval, DeploymentState, Store
 from tasks.provider import ClusterRef, ProviderError
 from tests.api.test_lifecycle import FakeClock

@@ -6,7 +6,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from gateway.controller import ref_json
+from gateway.control.controller import ref_json
 from state import DeploymentState, Store
 from tasks.provider import ClusterRef
 from tests.conftest import CHAT_BODY, make_settings, running_gateway

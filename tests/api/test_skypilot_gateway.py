@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.controller import ref_json
+from gateway.control.controller import ref_json
 from state import DeploymentState, Store
 from tasks.provider import ClusterRef, LaunchSpec
 from tasks.sky_task import SkyTaskConfig, cluster_name

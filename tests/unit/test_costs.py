@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from gateway.costs import Span, columns, summarize, to_csv, totals
+from gateway.accounting.costs import Span, columns, summarize, to_csv, totals
 
 T0 = datetime(2026, 11, 26, 22, 0, tzinfo=UTC)
 

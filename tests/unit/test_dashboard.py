@@ -19,8 +19,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.reference import load_reference
-from gateway.settings import load_settings
+from gateway.config.reference import load_reference
+from gateway.config.settings import load_settings
 from tests.conftest import CHAT_BODY, make_settings, running_gateway
 from tests.fakes import FakeProvider
 

@@ -12,7 +12,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from gateway.export import COST_COLUMNS, USAGE_COLUMNS, export_day, finished_days
+from gateway.accounting.export import COST_COLUMNS, USAGE_COLUMNS, export_day, finished_days
 from state import CostInterval, Store, Usage
 
 DAY = date(2026, 11, 26)

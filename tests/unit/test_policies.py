@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from gateway.policies import DeploymentView, idle_stops
+from gateway.control.policies import DeploymentView, idle_stops
 from state import DeploymentState
 
 NOW = datetime(2026, 6, 1, 12, tzinfo=UTC)

@@ -6,7 +6,7 @@ import itertools
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from gateway.policies import (
+from gateway.control.policies import (
     DeploymentView,
     Eviction,
     Request,

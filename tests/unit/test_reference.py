@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.reference import Catalog, ReferenceError, load_reference, parse_reference, valid_model_id
+from gateway.config.reference import Catalog, ReferenceError, load_reference, parse_reference, valid_model_id
 
 
 def write(tmp_path: Path, data: object) -> Path:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import ConfigFileError, Settings, load_settings
+from gateway.config.settings import ConfigFileError, Settings, load_settings
 
 
 def test_defaults() -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gateway.stream_usage import UsageFilter, ask_for_usage, wants_usage
+from gateway.proxy.sse import UsageFilter, ask_for_usage, wants_usage
 
 
 def event(obj: object) -> bytes:

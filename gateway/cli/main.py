@@ -11,9 +11,9 @@ import typer
 import uvicorn
 from pydantic import SecretStr
 
-from gateway.admin_cli import admin
-from gateway.reference import ReferenceError
-from gateway.settings import ConfigFileError, load_settings
+from gateway.cli.admin import admin
+from gateway.config.reference import ReferenceError
+from gateway.config.settings import ConfigFileError, load_settings
 
 # Seconds uvicorn lets open connections finish on SIGTERM before the lifespan shutdown runs
 # (which stops the engines): long enough for a short answer, short enough not to bill GPUs.
@@ -82,7 +82,7 @@ def check(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")] = None,
 ) -> None:
     """Validate the settings and the model reference file, then exit."""
-    from gateway.reference import load_reference
+    from gateway.config.reference import load_reference
 
     try:
         settings = load_settings(config)
@@ -103,7 +103,7 @@ def export(
     """Write usage and cost files of finished days to S3 now (idempotent)."""
     from datetime import UTC, date, datetime
 
-    from gateway.export import export_days, finished_days, s3_client
+    from gateway.accounting.export import export_days, finished_days, s3_client
     from state import Store
 
     settings = load_settings(config)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from gateway.ledger import PHASES
+from gateway.accounting.ledger import PHASES
 from state import CostInterval
 
 GroupBy = Literal["model", "day", "cluster", "phase"]

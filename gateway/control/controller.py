@@ -16,13 +16,13 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from gateway.activity import Activity
+from gateway.control.activity import Activity
 from gateway.clock import Clock
-from gateway.deployments import Failure, LiveDeployment, Route, ref_json
-from gateway.errors import GatewayError, bad_gateway, unavailable
-from gateway.ledger import Ledger
-from gateway.metrics import Metrics
-from gateway.policies import (
+from gateway.control.fleet import Failure, LiveDeployment, Route, ref_json
+from gateway.api.errors import GatewayError, bad_gateway, unavailable
+from gateway.accounting.ledger import Ledger
+from gateway.accounting.metrics import Metrics
+from gateway.control.policies import (
     DeploymentView,
     Eviction,
     Request,
@@ -30,8 +30,8 @@ from gateway.policies import (
     expired_failures,
     heartbeats_due,
 )
-from gateway.reference import Catalog, ModelSpec
-from gateway.settings import Settings
+from gateway.config.reference import Catalog, ModelSpec
+from gateway.config.settings import Settings
 from state import ALLOWED, Deployment, DeploymentState, Store
 from tasks.provider import CapacityError, ClusterRef, Endpoint, LaunchSpec, Provider, ProviderError
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from gateway.metrics import Metrics
+from gateway.accounting.metrics import Metrics
 from state import Store
 
 log = logging.getLogger(__name__)

@@ -13,12 +13,19 @@ from collections.abc import Coroutine
 from datetime import datetime
 from typing import Any
 
-from gateway.controller import Controller
-from gateway.errors import GatewayError
-from gateway.export import export_days, finished_days, s3_client
-from gateway.policies import Schedule, StopAction, after_hours_stops, cron_fired, idle_stops, prewarm_due
-from gateway.settings import Settings
-from gateway.usage import UsageRecorder
+from gateway.control.controller import Controller
+from gateway.api.errors import GatewayError
+from gateway.accounting.export import export_days, finished_days, s3_client
+from gateway.control.policies import (
+    Schedule,
+    StopAction,
+    after_hours_stops,
+    cron_fired,
+    idle_stops,
+    prewarm_due,
+)
+from gateway.config.settings import Settings
+from gateway.accounting.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
 

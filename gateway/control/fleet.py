@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from gateway.reference import ModelSpec
+from gateway.config.reference import ModelSpec
 from state import DeploymentState
 from tasks.provider import ClusterRef
 
