@@ -14,22 +14,22 @@ from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import __version__
-from gateway.control.activity import Activity
-from gateway.api.admin import admin_router
-from gateway.clock import Clock, system_clock
-from gateway.control.controller import Controller
 from gateway.accounting.costs import spans_of, totals
-from gateway.api.errors import install_error_handlers
-from gateway.control.lease import ControllerLease, stop_this_process
 from gateway.accounting.ledger import Ledger, PriceBook
 from gateway.accounting.metrics import Metrics, StateCollector
+from gateway.accounting.usage import UsageRecorder
+from gateway.api.admin import admin_router
+from gateway.api.errors import install_error_handlers
 from gateway.api.openai_routes import OpenAIGateway, openai_router
-from gateway.proxy.upstream import Proxy
-from gateway.control.reaper import Reaper
-from gateway.control.reconcile import reconcile
+from gateway.clock import Clock, system_clock
 from gateway.config.reference import Catalog, load_reference
 from gateway.config.settings import Settings
-from gateway.accounting.usage import UsageRecorder
+from gateway.control.activity import Activity
+from gateway.control.controller import Controller
+from gateway.control.lease import ControllerLease, stop_this_process
+from gateway.control.reaper import Reaper
+from gateway.control.reconcile import reconcile
+from gateway.proxy.upstream import Proxy
 from state import ModelRecord, Store
 from tasks.local import LocalConfig, LocalProvider
 from tasks.provider import Provider

@@ -16,12 +16,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import __version__
-from gateway.api.schemas import cluster_rows, event_rows, model_status, settings_view
-from gateway.control.controller import Controller
 from gateway.accounting.costs import GroupBy, columns, spans_of, summarize, to_csv
 from gateway.api.errors import GatewayError, error_doc, model_not_found
+from gateway.api.schemas import cluster_rows, event_rows, model_status, settings_view
 from gateway.config.reference import Catalog, ModelSpec, ReferenceError, load_reference
 from gateway.config.settings import Settings
+from gateway.control.controller import Controller
 from state import Store
 
 

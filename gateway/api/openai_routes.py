@@ -12,13 +12,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
-from gateway.control.controller import Controller
-from gateway.control.fleet import Route
 from gateway.api.errors import GatewayError, error_doc, model_not_found
-from gateway.proxy.upstream import Call, Proxy
 from gateway.config.reference import Catalog, ModelSpec
 from gateway.config.settings import Settings
+from gateway.control.controller import Controller
+from gateway.control.fleet import Route
 from gateway.proxy.sse import UsageFilter, ask_for_usage, wants_usage
+from gateway.proxy.upstream import Call, Proxy
 
 # A Hugging Face token for gated models, per request; handed to the engine it starts, never kept.
 HF_TOKEN_HEADER = "x-hf-token"

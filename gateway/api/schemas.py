@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.control.controller import Controller
 from gateway.config.reference import Catalog, ModelSpec
 from gateway.config.settings import Settings
+from gateway.control.controller import Controller
 from state import Event, Store
 from tasks.provider import ClusterInfo
 

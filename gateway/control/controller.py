@@ -16,12 +16,14 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from gateway.control.activity import Activity
-from gateway.clock import Clock
-from gateway.control.fleet import Failure, LiveDeployment, Route, ref_json
-from gateway.api.errors import GatewayError, bad_gateway, unavailable
 from gateway.accounting.ledger import Ledger
 from gateway.accounting.metrics import Metrics
+from gateway.api.errors import GatewayError, bad_gateway, unavailable
+from gateway.clock import Clock
+from gateway.config.reference import Catalog, ModelSpec
+from gateway.config.settings import Settings
+from gateway.control.activity import Activity
+from gateway.control.fleet import Failure, LiveDeployment, Route, ref_json
 from gateway.control.policies import (
     DeploymentView,
     Eviction,
@@ -30,8 +32,6 @@ from gateway.control.policies import (
     expired_failures,
     heartbeats_due,
 )
-from gateway.config.reference import Catalog, ModelSpec
-from gateway.config.settings import Settings
 from state import ALLOWED, Deployment, DeploymentState, Store
 from tasks.provider import CapacityError, ClusterRef, Endpoint, LaunchSpec, Provider, ProviderError
 

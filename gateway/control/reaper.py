@@ -13,9 +13,11 @@ from collections.abc import Coroutine
 from datetime import datetime
 from typing import Any
 
-from gateway.control.controller import Controller
-from gateway.api.errors import GatewayError
 from gateway.accounting.export import export_days, finished_days, s3_client
+from gateway.accounting.usage import UsageRecorder
+from gateway.api.errors import GatewayError
+from gateway.config.settings import Settings
+from gateway.control.controller import Controller
 from gateway.control.policies import (
     Schedule,
     StopAction,
@@ -24,8 +26,6 @@ from gateway.control.policies import (
     idle_stops,
     prewarm_due,
 )
-from gateway.config.settings import Settings
-from gateway.accounting.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
+from gateway.config.reference import Catalog
 from gateway.control.controller import Controller
 from gateway.control.fleet import ref_from_json
-from gateway.config.reference import Catalog
 from state import DeploymentState
 from tasks.provider import ClusterInfo, ClusterRef, ProviderError
 from tasks.sky_task import model_slug

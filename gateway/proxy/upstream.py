@@ -20,13 +20,13 @@ import aiohttp
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from gateway.control.activity import Activity
-from gateway.clock import Clock
-from gateway.control.fleet import Route
-from gateway.api.errors import GatewayError, bad_gateway, envelope
 from gateway.accounting.metrics import Metrics
-from gateway.proxy.sse import UsageFilter
 from gateway.accounting.usage import UsageRecord, UsageRecorder
+from gateway.api.errors import GatewayError, bad_gateway, envelope
+from gateway.clock import Clock
+from gateway.control.activity import Activity
+from gateway.control.fleet import Route
+from gateway.proxy.sse import UsageFilter
 
 log = logging.getLogger(__name__)
 
