@@ -25,7 +25,9 @@ from gateway.clock import Clock, system_clock
 from gateway.config.reference import Catalog, load_reference
 from gateway.config.settings import Settings
 from gateway.control.activity import Activity
+from gateway.control.context import ControlContext, gateway_secret, new_deployment_id
 from gateway.control.controller import Controller
+from gateway.control.fencing import FencedProvider
 from gateway.control.lease import ControllerLease, stop_this_process
 from gateway.control.reaper import Reaper
 from gateway.control.reconcile import reconcile
@@ -108,26 +110,31 @@ def create_app(
     provider: Provider | None = None,
     clock: Clock = system_clock,
     on_lease_lost: Callable[[], None] = stop_this_process,
+    new_id: Callable[[], str] = new_deployment_id,
 ) -> FastAPI:
     catalog = Catalog(load_reference(settings.model_reference), allow_unlisted=settings.allow_unlisted_models)
-    provider = provider or build_provider(settings)
     store = Store(settings.resolved_database_url)
+    store.create_all()
+    provider = provider or build_provider(settings)
+    lease = ControllerLease(store, clock, seconds=settings.controller_lease_seconds)
     metrics = Metrics()
     activity = Activity()
     usage = UsageRecorder(store, metrics)
-    ledger = Ledger(store, price_book(settings, provider.name), provider=provider.name)
-    controller = Controller(
+    ctx = ControlContext(
         settings=settings,
-        provider=provider,
+        provider=FencedProvider(provider, lambda: lease.held),
         store=store,
         clock=clock,
         activity=activity,
         catalog=catalog,
-        ledger=ledger,
+        ledger=Ledger(store, price_book(settings, provider.name), provider=provider.name),
         metrics=metrics,
+        new_id=new_id,
+        instance_id=store.instance_id(),
+        secret=gateway_secret(settings),
     )
+    controller = Controller(ctx)
     reaper = Reaper(controller, usage, settings)
-    lease = ControllerLease(store, clock, seconds=settings.controller_lease_seconds)
     proxy = Proxy(
         settings.upstream_timeout_seconds,
         activity,
@@ -143,11 +150,13 @@ def create_app(
         proxy=proxy,
     )
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store.create_all()
+    def lease_lost() -> None:
+        controller.abandon()  # stop acting at once; the new holder adopts the engines
+        on_lease_lost()
+
+    async def start() -> asyncio.Task[None]:
         await lease.acquire()  # one control loop per database: stand by while another gateway runs it
-        lease_task = asyncio.create_task(lease.keep(on_lease_lost), name="controller lease")
+        lease_task = asyncio.create_task(lease.keep(lease_lost), name="controller lease")
         catalog.load_overrides(store.overrides())
         store.upsert_models(
             ModelRecord(id=s.id, gpus_per_replica=s.gpus_per_replica, priority=s.priority, kind=s.kind)
@@ -159,25 +168,32 @@ def create_app(
             if not spec.external:
                 for phase in ("launching", "loading", "total"):
                     metrics.cold_start.labels(model=spec.id, phase=phase)
-        loop_task = asyncio.create_task(reaper.run(), name="reaper")
+        return lease_task
+
+    async def stop(lease_task: asyncio.Task[None], loop_task: asyncio.Task[None]) -> None:
+        """Each step runs whatever the one before it did: one failure skips nothing."""
+        loop_task.cancel()
+        await asyncio.gather(loop_task, return_exceptions=True)
+        await _guarded(controller.shutdown)
+        await _guarded(reaper.settle)
+        lease_task.cancel()
+        await asyncio.gather(lease_task, return_exceptions=True)
+        await _guarded(lease.release)
+        await _guarded(controller.flush_activity)
+        await _guarded(usage.flush)
+        await _guarded(proxy.close)
+        store.close()
+        log.info("gateway stopped")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        lease_task = await start()
+        loop_task = reaper.start()
         log.info("gateway ready: %d models, provider %s", len(catalog.specs), provider.name)
         try:
             yield
         finally:
-            loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop_task
-            await controller.shutdown()
-            await reaper.settle()
-            lease_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await lease_task
-            lease.release()
-            controller.flush_activity()
-            await usage.flush()
-            await proxy.close()
-            store.close()
-            log.info("gateway stopped")
+            await stop(lease_task, loop_task)
 
     app = FastAPI(
         title="llm-gateway",
@@ -200,6 +216,8 @@ def create_app(
     app.state.store = store
     app.state.reaper = reaper
     app.state.usage = usage
+    app.state.lease = lease
+    app.state.proxy = proxy
     install_error_handlers(app)
 
     app.include_router(openai_router(gateway))
@@ -274,6 +292,15 @@ def create_app(
         }
 
     return app
+
+
+async def _guarded(step: Callable[[], object]) -> None:
+    try:
+        result = step()
+        if asyncio.iscoroutine(result):
+            await result
+    except Exception:
+        log.exception("shutdown step %s failed; going on", getattr(step, "__qualname__", step))
 
 
 def _model_entry(model_id: str, catalog: Catalog, controller: Controller) -> dict[str, Any]:

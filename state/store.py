@@ -7,6 +7,7 @@ so two writers can never both move a deployment out of the same state.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,7 +20,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from state.machine import TERMINAL, TIMESTAMP_COLUMN, DeploymentState, check_transition
-from state.tables import ControllerLease, CostInterval, Deployment, Event, ModelRecord, Usage, utcnow
+from state.tables import (
+    ControllerLease,
+    CostInterval,
+    Deployment,
+    Event,
+    Installation,
+    ModelRecord,
+    Usage,
+    utcnow,
+)
 
 # How long a SQLite connection waits for a lock held by another writer before failing.
 SQLITE_BUSY_TIMEOUT_MS = 5000
@@ -64,6 +74,21 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def instance_id(self) -> str:
+        """This installation's id: made at the first start, the same ever after."""
+        with Session(self.engine) as s:
+            row = s.get(Installation, 1)
+            if row is not None:
+                return row.instance_id
+            s.add(Installation(id=1, instance_id=secrets.token_hex(6)))
+            try:
+                s.commit()
+            except IntegrityError:  # another gateway made it at the same moment
+                s.rollback()
+            row = s.get(Installation, 1)
+            assert row is not None
+            return row.instance_id
 
     # -- models ---------------------------------------------------------------------------
 

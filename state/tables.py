@@ -133,6 +133,15 @@ class ControllerLease(SQLModel, table=True):
     expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
 
+class Installation(SQLModel, table=True):
+    """One row: this installation's id, written once. Every cluster carries it as a label, so
+    one installation never touches another's clusters on a shared SkyPilot user or cloud."""
+
+    __tablename__ = "installation"
+    id: int = Field(default=1, primary_key=True)
+    instance_id: str
+
+
 class Usage(SQLModel, table=True):
     """One row per proxied request."""
 

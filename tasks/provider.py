@@ -43,6 +43,10 @@ class LaunchSpec:
     kind: str = "chat"
     # Secrets handed to the engine's environment (e.g. HF_TOKEN). Never stored nor logged.
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # The engine's own API key (derived by the gateway from its secret and the deployment id):
+    # every route but /health must require it. A secret.
+    engine_key: str = field(default="", repr=False)
+    instance_id: str = ""  # this installation's id: the label that scopes list() and reconcile
 
 
 @dataclass(frozen=True)

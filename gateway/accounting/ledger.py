@@ -24,7 +24,7 @@ PHASE_OF_STATE: dict[DeploymentState, str | None] = {
     S.LOADING: "cold",
     S.READY: "idle",  # until the reaper sees traffic
     S.DRAINING: "serving",  # finishing requests in flight
-    S.STOPPING: "idle",
+    S.STOPPING: None,  # stays in the phase it was in until the engine is gone
 }
 PHASES = ("cold", "serving", "idle", "failed")
 

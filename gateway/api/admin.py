@@ -6,6 +6,7 @@ Model ids contain `/`, so model path parameters use the `path` converter:
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -169,10 +170,19 @@ def admin_router(*, settings: Settings, catalog: Catalog, controller: Controller
             raise GatewayError(400, f"{spec.id} is served by an external endpoint.", code="external_model")
         controller.reset_failures(spec.id)
         store.record_event(kind="admin-load", model=spec.id, message=f"load requested (wait={wait})")
-        if spec.id not in controller.routes:
-            task = controller.admit(spec)
+        if controller.route(spec.id) is None:
+            runner = controller.load(spec)
             if wait:
-                await task
+                await asyncio.wait({runner.ready})
+                error = runner.ready.exception()
+                if isinstance(error, GatewayError):  # admins see why (clients only that it failed)
+                    failure = controller.failure(spec.id)
+                    if failure is not None and failure.deployment_id == runner.id:
+                        message = f"{error.message} {failure.error}"
+                        raise GatewayError(
+                            error.status, message, type=error.type, code=error.code, headers=error.headers
+                        )
+                    raise error
             else:
                 response.status_code = 202
         return {"model": spec.id, "state": controller.phase(spec.id)}

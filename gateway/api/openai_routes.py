@@ -6,23 +6,30 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from gateway.api.errors import GatewayError, error_doc, model_not_found
 from gateway.config.reference import Catalog, ModelSpec
 from gateway.config.settings import Settings
-from gateway.control.controller import Controller
+from gateway.control.controller import Controller, Waiter
 from gateway.control.fleet import Route
 from gateway.proxy.sse import UsageFilter, ask_for_usage, wants_usage
-from gateway.proxy.upstream import Call, Proxy
+from gateway.proxy.upstream import Call, ProxiedResponse, Proxy
 
 # A Hugging Face token for gated models, per request; handed to the engine it starts, never kept.
 HF_TOKEN_HEADER = "x-hf-token"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# What the gateway answers a client that went away before its answer (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
+SSE_RAW_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 
 
 class OpenAIGateway:
@@ -58,66 +65,121 @@ class OpenAIGateway:
         if stream:
             strip = not wants_usage(payload)
             usage = UsageFilter(strip=strip)
-            if strip:  # ask the engine for token usage; the filter removes it again
+            if strip and spec.endpoint is None:  # ask the engine for token usage; the filter removes it again
                 body = ask_for_usage(payload)
+            elif strip:
+                usage = None  # an external endpoint gets the body as it is
         route = self.route_of(spec)
         if route is not None:
             call = Call(route=route, path=path, stream=stream, started=started, usage=usage)
-            return await self.proxy.forward(call, body, request.headers)
+            return ProxiedResponse(self.proxy, call, body, request.headers)
         failure = self.controller.failure(spec.id)
         if failure is not None:
             raise GatewayError(
                 400,
-                f"The model `{spec.id}` failed to start: {failure.error}",
+                f"The model `{spec.id}` failed to start recently (deployment {failure.deployment_id}); "
+                "an admin can see why in /admin/failures and reset it.",
                 code="model_failed",
                 param="model",
             )
         token = request.headers.get(HF_TOKEN_HEADER)
         secrets = {"HF_TOKEN": token} if token else None
+        waiter = self.controller.admit(spec, secrets)  # may raise 503 before anything is sent
+        cold = ColdStart(self, waiter, path, body, dict(request.headers), usage, started)
         if stream:
-            return self._cold_stream(spec, path, body, dict(request.headers), secrets, usage, started)
-        route = await self.controller.ensure_ready(spec, secrets)
+            return ColdStreamResponse(cold)
+        try:
+            route = await cold.wait_unless_gone(request.receive)
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; logs and metrics do
         call = Call(route=route, path=path, stream=False, started=started, hot=False)
-        return await self.proxy.forward(call, body, request.headers)
+        return ProxiedResponse(self.proxy, call, body, request.headers)
 
     def route_of(self, spec: ModelSpec) -> Route | None:
         if spec.endpoint is not None:
             return Route(model=spec.id, base_url=spec.endpoint)
-        return self.controller.routes.get(spec.id)
+        return self.controller.route(spec.id)
 
-    def _cold_stream(
-        self,
-        spec: ModelSpec,
-        path: str,
-        body: bytes,
-        headers: dict[str, str],
-        secrets: dict[str, str] | None,
-        usage: UsageFilter | None,
-        started: float,
-    ) -> Response:
-        """A streaming request for a model that is not ready: admit it now (503 if the queue is
-        full), answer 200 at once and send `: loading` comment lines until the engine is up, so
-        clients and proxies in between do not time out; then relay the engine's stream."""
-        task = self.controller.admit(spec, secrets)  # may raise 503 before the 200 is sent
 
-        async def events() -> AsyncIterator[bytes]:
-            try:
-                t0 = time.monotonic()
-                while True:
-                    elapsed = time.monotonic() - t0
-                    yield f": loading {spec.id} phase={self.controller.phase(spec.id)} elapsed={elapsed:.0f}\n\n".encode()
-                    done, _ = await asyncio.wait({task}, timeout=self.settings.loading_comment_seconds)
-                    if done:
-                        break
-                route = task.result()
-            except GatewayError as exc:
-                yield exc.sse_event()
-                return
-            call = Call(route=route, path=path, stream=True, started=started, hot=False, usage=usage)
-            async for chunk in self.proxy.relay_into_open_stream(call, body, headers):
-                yield chunk
+@dataclass
+class ColdStart:
+    """A request admitted to wait for its model's start."""
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    gateway: OpenAIGateway
+    waiter: Waiter
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    usage: UsageFilter | None
+    started: float
+
+    async def wait_unless_gone(self, receive: Receive) -> Route:
+        """The route once the model is ready; a client that disconnects first leaves the queue
+        (its request is never sent to the engine)."""
+        waiting = asyncio.ensure_future(self.waiter.wait())
+        gone = asyncio.ensure_future(_disconnect(receive))
+        try:
+            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not waiting.done():
+                waiting.cancel()
+            await asyncio.gather(waiting, gone, return_exceptions=True)
+        if waiting.cancelled():
+            raise ClientGone()
+        return waiting.result()
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited: nothing is left to answer."""
+
+
+class ColdStreamResponse(Response):
+    """A streaming request for a model that is not ready: 200 at once and `: loading` comment
+    lines until the engine is up, so clients and proxies in between do not time out; then the
+    engine's stream (or one error event)."""
+
+    def __init__(self, cold: ColdStart) -> None:
+        self.cold = cold  # Response.__init__ not called: nothing to render ahead
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        cold = self.cold
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_RAW_HEADERS})
+        try:
+            route = await self._loading(send, receive)
+        except GatewayError as exc:
+            await send({"type": "http.response.body", "body": exc.sse_event(), "more_body": True})
+        except ClientGone:
+            return
+        else:
+            call = Call(
+                route=route, path=cold.path, stream=True, started=cold.started, hot=False, usage=cold.usage
+            )
+            await cold.gateway.proxy.exchange(call, cold.body, cold.headers, send, receive, open_stream=True)
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _loading(self, send: Send, receive: Receive) -> Route:
+        cold = self.cold
+        period = cold.gateway.settings.loading_comment_seconds
+        t0 = time.monotonic()
+        task = asyncio.ensure_future(cold.wait_unless_gone(receive))
+        try:
+            while True:
+                comment = f": loading {cold.waiter.runner.model} phase={cold.waiter.phase} elapsed={time.monotonic() - t0:.0f}\n\n"
+                await send({"type": "http.response.body", "body": comment.encode(), "more_body": True})
+                done, _ = await asyncio.wait({task}, timeout=period)
+                if done:
+                    return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+
+async def _disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _too_large(limit: int) -> GatewayError:

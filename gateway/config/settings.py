@@ -158,6 +158,19 @@ class Settings(BaseSettings):
     loading_comment_seconds: float = Field(
         2.0, gt=0, description="Interval of `: loading` SSE comments sent to waiting streams."
     )
+    stop_timeout_seconds: float = Field(
+        900.0,
+        gt=0,
+        description="One provider stop (a `sky down` can take minutes); a failed stop is retried.",
+    )
+    provider_call_timeout_seconds: float = Field(
+        120.0, gt=0, description="Any other provider call (probe, heartbeat, list, swap submission)."
+    )
+    engine_secret: SecretStr | None = Field(
+        None,
+        description="Secret from which each engine's API key is derived (HMAC with the deployment id); "
+        "default: derived from admin_token.",
+    )
     log_level: str = "INFO"
     failed_model_ttl_seconds: float = Field(
         600.0, ge=0, description="How long a model whose engine failed to start is answered with 400."

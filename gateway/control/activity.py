@@ -1,41 +1,65 @@
-"""Per-model request accounting kept in memory: requests in flight and last-used time.
+"""Request accounting kept in memory: requests in flight (per model and per deployment) and
+last-used times.
 
 Updated on every request without touching the database; the reaper flushes the last-used
-times to the store in batches.
+times to the store in batches. A request is counted with `track()`: one `begin` and one `end`
+in one `try/finally`, so no exit path (error, cancellation, client gone) can leave it counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
+
+from gateway.clock import Clock
 
 
 class Activity:
     def __init__(self) -> None:
-        self._in_flight: defaultdict[str, int] = defaultdict(int)
+        self._in_flight: defaultdict[str, int] = defaultdict(int)  # by model
+        self._by_deployment: defaultdict[str, int] = defaultdict(int)
         self._last_used: dict[str, datetime] = {}
         self._dirty: set[str] = set()
-        self._idle: dict[str, asyncio.Event] = {}
+        self._idle: dict[str, asyncio.Event] = {}  # deployment id -> set when its count drops to 0
         self._last_request: dict[str, datetime] = {}  # like last_used, without touches
 
-    def begin(self, model: str, now: datetime) -> None:
+    @contextmanager
+    def track(self, model: str, deployment_id: str | None, clock: Clock) -> Iterator[None]:
+        """Count one request in flight for as long as the block runs."""
+        self.begin(model, clock(), deployment_id)
+        try:
+            yield
+        finally:
+            self.end(model, clock(), deployment_id)
+
+    def begin(self, model: str, now: datetime, deployment_id: str | None = None) -> None:
         self._in_flight[model] += 1
+        if deployment_id is not None:
+            self._by_deployment[deployment_id] += 1
         self._last_used[model] = self._last_request[model] = now
         self._dirty.add(model)
 
-    def end(self, model: str, now: datetime) -> None:
+    def end(self, model: str, now: datetime, deployment_id: str | None = None) -> None:
         self._in_flight[model] -= 1
+        if self._in_flight[model] == 0:
+            del self._in_flight[model]
+        if deployment_id is not None:
+            self._by_deployment[deployment_id] -= 1
+            if self._by_deployment[deployment_id] == 0:
+                del self._by_deployment[deployment_id]
+                if deployment_id in self._idle:
+                    self._idle.pop(deployment_id).set()
         self._last_used[model] = self._last_request[model] = now
         self._dirty.add(model)
-        if self._in_flight[model] == 0 and model in self._idle:
-            self._idle.pop(model).set()
 
-    async def wait_idle(self, model: str, grace_seconds: float) -> bool:
-        """Wait until `model` has no request in flight; False if `grace_seconds` passed first."""
-        if self.in_flight(model) == 0:
+    async def wait_idle(self, deployment_id: str, grace_seconds: float) -> bool:
+        """Wait until the deployment has no request in flight; False if `grace_seconds` passed first."""
+        if self.in_flight_of(deployment_id) == 0:
             return True
-        event = self._idle.setdefault(model, asyncio.Event())
+        event = self._idle.setdefault(deployment_id, asyncio.Event())
         try:
             await asyncio.wait_for(event.wait(), grace_seconds)
         except TimeoutError:
@@ -49,6 +73,13 @@ class Activity:
     def in_flight(self, model: str) -> int:
         return self._in_flight.get(model, 0)
 
+    def in_flight_of(self, deployment_id: str) -> int:
+        return self._by_deployment.get(deployment_id, 0)
+
+    def open_requests(self) -> int:
+        """Requests in flight, all models together."""
+        return sum(self._in_flight.values())
+
     def last_request(self, model: str) -> datetime | None:
         return self._last_request.get(model)
 
@@ -56,7 +87,7 @@ class Activity:
         return self._last_used.get(model)
 
     def take_dirty(self) -> dict[str, datetime]:
-        """Last-used times changed since the previous call (for a batched write)."""
+        """Last-used times changed since the previous call (a copy, for a batched write)."""
         batch = {m: self._last_used[m] for m in self._dirty}
         self._dirty.clear()
         return batch

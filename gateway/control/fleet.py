@@ -1,13 +1,11 @@
-"""Small value objects shared by the controller, the reconcile step and the admin API."""
+"""Value objects shared by the controller, its runners, the reconcile step and the admin API."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from gateway.config.reference import ModelSpec
-from state import DeploymentState
 from tasks.provider import ClusterRef
 
 
@@ -16,26 +14,19 @@ class Route:
     model: str
     base_url: str
     deployment_id: str | None = None  # None for external endpoints
-
-
-@dataclass
-class LiveDeployment:
-    """In-memory mirror of one live deployment (the store has the same, durably)."""
-
-    deployment_id: str
-    spec: ModelSpec
-    state: DeploymentState
-    ref: ClusterRef | None = None
-    ready_at: datetime | None = None
+    # Sent upstream as `Authorization: Bearer …`: the engine's own key (never the client's).
+    api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
 class Failure:
-    """A model whose engine failed to start (for a reason other than capacity)."""
+    """A model whose engine failed to start (for a reason other than capacity). `error` is for
+    admins (it may quote the engine's log); clients are told only that it failed, and where."""
 
     model: str
     error: str
     at: datetime
+    deployment_id: str | None = None
 
 
 def ref_json(ref: ClusterRef) -> str:

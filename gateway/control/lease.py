@@ -23,6 +23,10 @@ from tasks.procs import start_time
 
 log = logging.getLogger(__name__)
 
+# The share of the lease's duration this process acts on after a renewal: a margin for the
+# time the renewal itself took and for clocks that differ between hosts.
+VALID_SHARE = 0.8
+
 
 def holder_id() -> str:
     pid = os.getpid()
@@ -37,27 +41,43 @@ def holder_is_dead(holder: str) -> bool:
     return str(start_time(int(parts[1]))) != parts[2]
 
 
+# Renewal retries this often after a database error, until the lease's deadline.
+RENEW_RETRY_SECONDS = 1.0
+
+
 class ControllerLease:
+    """The lease, and this process's belief about it: `held` is true only until the moment the
+    lease could have expired since the last renewal that succeeded. That is measured on the
+    event loop's monotonic clock from before the renewal was sent, so neither a slow renewal nor
+    a jump of the wall clock makes the belief outlive the row."""
+
     def __init__(self, store: Store, clock: Clock, *, seconds: float) -> None:
         self.store = store
         self.clock = clock
         self.seconds = seconds
         self.holder = holder_id()
+        self._valid_until: float | None = None  # event-loop time
+        self.lost = False
+
+    @property
+    def held(self) -> bool:
+        if self.lost or self._valid_until is None:
+            return False
+        return asyncio.get_running_loop().time() < self._valid_until
 
     def try_acquire(self) -> bool:
         now = self.clock()
         current = self.store.lease()
         steal = current.holder if current is not None and holder_is_dead(current.holder) else None
-        return self.store.acquire_lease(
-            self.holder, now=now, until=now + timedelta(seconds=self.seconds), steal_from=steal
-        )
+        until = now + timedelta(seconds=self.seconds)
+        return self.store.acquire_lease(self.holder, now=now, until=until, steal_from=steal)
 
     async def acquire(self) -> None:
-        """Wait until this process holds the lease."""
+        """Wait until this process holds the lease (database errors are retried)."""
         announced = False
-        while not await asyncio.to_thread(self.try_acquire):
+        while not await self._try():
             if not announced:
-                current = self.store.lease()
+                current = await asyncio.to_thread(self.store.lease)
                 log.warning(
                     "another gateway (%s) runs the control loop on this database; standing by",
                     current.holder if current else "?",
@@ -66,19 +86,41 @@ class ControllerLease:
             await asyncio.sleep(self.seconds / 3)
         log.info("controller lease acquired (%s)", self.holder)
 
+    async def _try(self) -> bool:
+        sent = asyncio.get_running_loop().time()
+        try:
+            acquired = await asyncio.to_thread(self.try_acquire)
+        except Exception as exc:  # the database is unreachable or locked: try again later
+            log.warning("controller lease: database error: %s", exc)
+            return False
+        if acquired:
+            self._valid_until = sent + self.seconds * VALID_SHARE
+        return acquired
+
     async def keep(self, on_lost: Callable[[], None]) -> None:
-        """Renew the lease every third of its duration. Losing it (this process stalled longer
-        than the lease and another gateway took over) calls `on_lost`: two control loops must
-        never run on one database."""
+        """Renew the lease every third of its duration; a database error is retried every
+        second until the lease's deadline. Past it, or when another gateway holds it, the lease
+        is lost: `on_lost` is called once (this process must stop acting at once)."""
         while True:
             await asyncio.sleep(self.seconds / 3)
-            if not await asyncio.to_thread(self.try_acquire):
-                log.critical("controller lease lost to another gateway: this gateway stops")
-                on_lost()
-                return
+            while not await self._try():
+                if not self.held or await self._taken():
+                    log.critical("controller lease lost: this gateway stops acting and exits")
+                    self.lost = True
+                    on_lost()
+                    return
+                await asyncio.sleep(RENEW_RETRY_SECONDS)
+
+    async def _taken(self) -> bool:
+        try:
+            current = await asyncio.to_thread(self.store.lease)
+        except Exception:
+            return False
+        return current is not None and current.holder != self.holder
 
     def release(self) -> None:
-        self.store.release_lease(self.holder)
+        if not self.lost:
+            self.store.release_lease(self.holder)
 
 
 def stop_this_process() -> None:

@@ -68,11 +68,11 @@ def idle_stops(views: Iterable[DeploymentView], now: datetime) -> list[StopActio
 def heartbeats_due(
     views: Iterable[DeploymentView], last_beat: Mapping[str, datetime], now: datetime, interval_seconds: float
 ) -> list[str]:
-    """Deployments holding an engine (loading or ready) whose last failsafe heartbeat is at
-    least `interval_seconds` old (or never sent)."""
+    """Deployments holding an engine (loading, ready or draining) whose last failsafe heartbeat
+    is at least `interval_seconds` old (or never sent)."""
     due = []
     for view in views:
-        if view.state not in (DeploymentState.LOADING, DeploymentState.READY):
+        if view.state not in (DeploymentState.LOADING, DeploymentState.READY, DeploymentState.DRAINING):
             continue
         last = last_beat.get(view.deployment_id)
         if last is None or (now - last).total_seconds() >= interval_seconds:

@@ -15,7 +15,6 @@ from typing import Any
 
 from gateway.accounting.export import export_days, finished_days, s3_client
 from gateway.accounting.usage import UsageRecorder
-from gateway.api.errors import GatewayError
 from gateway.config.settings import Settings
 from gateway.control.controller import Controller
 from gateway.control.policies import (
@@ -44,8 +43,14 @@ class Reaper:
         self.interval_seconds = settings.reaper_interval_seconds
         self.after_hours, self.prewarm = schedules_of(settings)
         self.export = settings.export if settings.export.bucket else None
+        # Set when the loop starts, i.e. once this process holds the lease: a standby that takes
+        # over does not replay the schedules that fired while it stood by.
         self.last_tick: datetime = controller.clock()
         self._background: set[asyncio.Task[object]] = set()
+
+    def start(self) -> asyncio.Task[None]:
+        self.last_tick = self.controller.clock()
+        return asyncio.create_task(self.run(), name="reaper")
 
     async def tick(self, now: datetime) -> list[StopAction]:
         since, self.last_tick = self.last_tick, now
@@ -54,14 +59,14 @@ class Reaper:
         after_hours = after_hours_stops(views, self.after_hours, since, now)
         if after_hours:
             log.info("after hours: stopping %d deployments", len(after_hours))
-            for action in after_hours:
-                self._spawn(self.controller.stop_model(action.model, kind=action.kind, reason=action.reason))
+            for model in sorted({action.model for action in after_hours}):
+                kind, reason = after_hours[0].kind, after_hours[0].reason
+                self._spawn(self.controller.stop_model(model, kind=kind, reason=reason))
             applied.extend(after_hours)
         else:
             for action in idle_stops(views, now):
-                if (
-                    self.controller.stop_soon(action.model, kind=action.kind, reason=action.reason)
-                    is not None
+                if self.controller.stop_deployment(
+                    action.deployment_id, kind=action.kind, reason=action.reason
                 ):
                     log.info("%s: %s (%s)", action.model, action.kind, action.reason)
                     applied.append(action)
@@ -71,8 +76,8 @@ class Reaper:
             self._spawn(self._export(now))
         self.controller.record_activity(since, now)
         self.controller.expire_failures(now)
-        await self.controller.heartbeat_due(now)
-        await asyncio.to_thread(self.controller.flush_activity)
+        self.controller.heartbeat_due(now)
+        self.controller.flush_activity()
         await self.usage.flush()
         return applied
 
@@ -82,11 +87,13 @@ class Reaper:
             log.warning("pre-warm: %s is not a model the gateway can start", model)
             return
         log.info("pre-warm: loading %s", model)
-        self.controller.store.record_event(kind="prewarm", model=model, message="scheduled pre-warm")
-        try:
-            await self.controller.ensure_ready(spec)
-        except GatewayError as exc:
-            log.warning("pre-warm of %s failed: %s", model, exc.message)
+        self.controller.store.record_event(
+            kind="prewarm", model=model, message="scheduled pre-warm", at=self.controller.clock()
+        )
+        runner = self.controller.load(spec)
+        await asyncio.wait({runner.ready})
+        if (error := runner.ready.exception()) is not None:
+            log.warning("pre-warm of %s failed: %s", model, getattr(error, "message", error))
 
     async def _export(self, now: datetime) -> None:
         assert self.export is not None and self.export.bucket is not None
@@ -118,9 +125,10 @@ class Reaper:
         """Wait for the stops and pre-warms started by earlier ticks (for tests and shutdown)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+        await self.controller.settle()
 
     async def run(self) -> None:
-        while True:
+        while not self.controller.fenced:
             await asyncio.sleep(self.interval_seconds)
             try:
                 await self.tick(self.controller.clock())

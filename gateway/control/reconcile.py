@@ -11,61 +11,100 @@ Each decision is an event of kind `reconciled` saying what was found and done.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import datetime, timedelta
 
 from gateway.config.reference import Catalog
 from gateway.control.controller import Controller
 from gateway.control.fleet import ref_from_json
-from state import DeploymentState
-from tasks.provider import ClusterInfo, ClusterRef, ProviderError
+from gateway.control.runner import StopRequest
+from state import Deployment, DeploymentState
+from tasks.provider import ClusterInfo, ClusterRef, Endpoint
 from tasks.sky_task import model_slug
 
 log = logging.getLogger(__name__)
 
 
-async def reconcile(controller: Controller, catalog: Catalog, *, unknown: str = "down") -> None:
-    provider, store = controller.provider, controller.store
-    try:
-        listed = {info.ref.name: info for info in await provider.list()}
-    except ProviderError as exc:
-        log.error("reconcile: cannot list the provider's engines: %s", exc)
-        listed = {}
-    by_deployment = {info.ref.deployment_id: info for info in listed.values()}
+# Tries of the provider's list before reconcile goes on without it.
+LIST_TRIES = 3
+LIST_RETRY_SECONDS = 2.0
 
-    for dep in store.live_deployments():
+
+async def reconcile(controller: Controller, catalog: Catalog, *, unknown: str = "down") -> None:
+    listed = await _list(controller)
+    by_deployment = {info.ref.deployment_id: info for info in (listed or {}).values()}
+    for dep in controller.store.live_deployments():
         ref = ref_from_json(dep.handle)
         if ref is None and dep.id in by_deployment:  # launched, but the gateway died before recording it
             ref = by_deployment[dep.id].ref
-        if ref is None or ref.provider != provider.name:
+        if ref is None or ref.provider != controller.provider.name:
             controller.close_stale(dep, f"left {dep.state} by an earlier gateway process; no engine found")
             continue
-        found = listed.pop(ref.name, None)
-        spec = catalog.resolve(dep.model)
-        if provider.adopt_on_restart and spec is not None and dep.state in _ADOPTABLE:
-            endpoint = await provider.probe(ref)
-            if endpoint is not None:
-                controller.adopt(
-                    dep, spec, ref, endpoint, reason=f"adopted healthy {ref.name} after a gateway restart"
-                )
-                continue
-        if provider.adopt_on_restart and found is None:
-            controller.close_stale(
-                dep,
-                f"left {dep.state} by an earlier gateway process; {ref.name} vanished",
-                cost_until=_vanished_at(controller, dep.id),
-            )
-            continue
-        message = f"left {dep.state} by an earlier gateway process"
-        try:
-            await provider.stop(ref)
-            message += f"; {ref.name} was stopped"
-        except ProviderError as exc:
-            message += f"; stopping {ref.name} failed: {exc}"
-        controller.close_stale(dep, message)
-
-    for info in listed.values():
+        found = listed.pop(ref.name, None) if listed is not None else None
+        await _known_engine(controller, catalog, dep, ref, vanished=listed is not None and found is None)
+    for info in (listed or {}).values():
         await _unknown_engine(controller, catalog, info, unknown)
+
+
+async def _list(controller: Controller) -> dict[str, ClusterInfo] | None:
+    """The provider's engines by name; None if it cannot say (then nothing is taken as vanished)."""
+    timeout = controller.settings.provider_call_timeout_seconds
+    for attempt in range(LIST_TRIES):
+        try:
+            async with asyncio.timeout(timeout):
+                return {info.ref.name: info for info in await controller.provider.list()}
+        except Exception as exc:
+            log.error("reconcile: cannot list the provider's engines (try %d): %s", attempt + 1, exc)
+            await asyncio.sleep(LIST_RETRY_SECONDS)
+    return None
+
+
+async def _known_engine(
+    controller: Controller, catalog: Catalog, dep: Deployment, ref: ClusterRef, *, vanished: bool
+) -> None:
+    provider = controller.provider
+    spec = catalog.resolve(dep.model)
+    if provider.adopt_on_restart and spec is not None and dep.state in _ADOPTABLE and not vanished:
+        endpoint = await _probe(controller, ref)
+        if endpoint is not None or dep.state == DeploymentState.LOADING.value:
+            # A runner owns it from here: it serves at once, or waits for it to finish loading
+            # within the cold-start timeout (and stops it if it never becomes ready).
+            state = "healthy" if endpoint is not None else "loading"
+            controller.adopt(
+                dep, spec, ref, endpoint, reason=f"adopted {state} {ref.name} after a gateway restart"
+            )
+            return
+    if provider.adopt_on_restart and vanished:
+        controller.close_stale(
+            dep,
+            f"left {dep.state} by an earlier gateway process; {ref.name} vanished",
+            cost_until=_vanished_at(controller, dep.id),
+        )
+        return
+    message = f"left {dep.state} by an earlier gateway process"
+    try:
+        async with asyncio.timeout(controller.settings.stop_timeout_seconds):
+            await provider.stop(ref)
+    except Exception as exc:
+        if spec is None:
+            controller.close_stale(dep, f"{message}; stopping {ref.name} failed: {exc}")
+            return
+        # A runner owns it and keeps trying to stop it.
+        runner = controller.adopt(
+            dep, spec, ref, None, reason=f"{message}; stopping {ref.name} failed: {exc}"
+        )
+        runner.request_stop(StopRequest("reconciled", f"{message}; stop retried", drain=False))
+        return
+    controller.close_stale(dep, f"{message}; {ref.name} was stopped")
+
+
+async def _probe(controller: Controller, ref: ClusterRef) -> Endpoint | None:
+    try:
+        async with asyncio.timeout(controller.settings.provider_call_timeout_seconds):
+            return await controller.provider.probe(ref)
+    except Exception:
+        return None
 
 
 def _vanished_at(controller: Controller, deployment_id: str) -> datetime:
@@ -87,29 +126,35 @@ async def _unknown_engine(controller: Controller, catalog: Catalog, info: Cluste
     provider, store = controller.provider, controller.store
     slug = info.ref.data.get("model_slug")
     spec = next((s for s in catalog.specs.values() if not s.external and model_slug(s.id) == slug), None)
-    if unknown == "adopt" and spec is not None and spec.id not in controller.routes:
-        endpoint = await provider.probe(info.ref)
+    if unknown == "adopt" and spec is not None and controller.route(spec.id) is None:
+        endpoint = await _probe(controller, info.ref)
         if endpoint is not None:
+            dep_id = info.ref.deployment_id or info.ref.name[-12:]
+            if store.get_deployment(dep_id) is not None:  # a row that ended (e.g. failed): a new id
+                dep_id = controller.ctx.new_id()
             dep = store.create_deployment(
-                deployment_id=info.ref.deployment_id or info.ref.name[-12:],
+                deployment_id=dep_id,
                 model=spec.id,
                 provider=provider.name,
                 gpus=spec.gpus_per_replica,
                 at=controller.clock(),
             )
+            store.transition(dep.id, expected=DeploymentState.PENDING, new=DeploymentState.LAUNCHING)
             ref = ClusterRef(
                 provider=provider.name,
                 name=info.ref.name,
                 deployment_id=dep.id,
-                gpus=spec.gpus_per_replica,
+                gpus=info.ref.gpus or spec.gpus_per_replica,
                 data=dict(info.ref.data),
             )
+            dep = store.get_deployment(dep.id) or dep
             controller.adopt(dep, spec, ref, endpoint, reason=f"adopted unknown cluster {info.ref.name}")
             return
     try:
-        await provider.stop(info.ref)
+        async with asyncio.timeout(controller.settings.stop_timeout_seconds):
+            await provider.stop(info.ref)
         message = f"{info.ref.name} ({info.status}) carries our label but no deployment: downed"
-    except ProviderError as exc:
+    except Exception as exc:
         message = f"{info.ref.name} carries our label but no deployment; down failed: {exc}"
     store.record_event(
         kind="reconciled", model=spec.id if spec else None, message=message, at=controller.clock()

@@ -1,7 +1,11 @@
 """Forwarding to engines through one shared aiohttp session. Bytes pass through untouched (no
 decompression), and the engine's status code and headers reach the client as they are (the one
 exception: a usage event the gateway asked for on the client's behalf is removed again, see
-stream_usage.py).
+sse.py).
+
+One proxied request is one `Proxy.exchange()`: it counts the request in flight, sends it, relays
+the answer to the client and accounts for it, inside one `try/finally` — so an error, a client
+that goes away, or a cancellation can never leave a request counted.
 
 aiohttp rather than httpx: at 32 concurrent requests to a fast upstream on our 2-core
 machines, httpx's connection pool made 142 requests/s where aiohttp made 4,089 (measured in
@@ -13,12 +17,13 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.usage import UsageRecord, UsageRecorder
@@ -49,14 +54,22 @@ _DROP_REQUEST = frozenset(
 _DROP_RESPONSE = frozenset(
     {"content-length", "connection", "keep-alive", "transfer-encoding", "date", "server"}
 )
+# Below vLLM's (uvicorn's) own keep-alive of 5 s, so a reused connection is never one the engine
+# is closing at that moment.
+KEEPALIVE_SECONDS = 4.0
+# How long a request waits for a free connection of the pool before it is a 502.
+POOL_WAIT_SECONDS = 30.0
 
 
-def request_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in _DROP_REQUEST}
+def request_headers(headers: Mapping[str, str], api_key: str | None = None) -> dict[str, str]:
+    out = {k: v for k, v in headers.items() if k.lower() not in _DROP_REQUEST}
+    if api_key:
+        out["Authorization"] = f"Bearer {api_key}"
+    return out
 
 
-def response_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in _DROP_RESPONSE}
+def response_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode(), v.encode()) for k, v in headers.items() if k.lower() not in _DROP_RESPONSE]
 
 
 # Errors of an engine that did not answer or broke off.
@@ -66,8 +79,10 @@ UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 def new_http_session(read_timeout: float) -> aiohttp.ClientSession:
     """Created inside the running event loop (on first use)."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=30),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=read_timeout),
+        connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=KEEPALIVE_SECONDS),
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=POOL_WAIT_SECONDS, sock_connect=5.0, sock_read=read_timeout
+        ),
         auto_decompress=False,
         skip_auto_headers=("User-Agent",),
     )
@@ -84,7 +99,9 @@ class Call:
     hot: bool = True  # routed to a ready engine at once (its overhead is measured)
     usage: UsageFilter | None = None  # streams: reads (and maybe strips) the engine's usage event
     upstream_started: float = 0.0
+    upstream_seconds: float | None = None  # time the engine took to answer a buffered request
     status: int = 0
+    body: bytes | None = None  # a buffered answer, for its token counts
 
 
 class Proxy:
@@ -116,6 +133,51 @@ class Proxy:
         if self._session is not None:
             await self._session.close()
 
+    async def exchange(
+        self,
+        call: Call,
+        body: bytes,
+        headers: Mapping[str, str],
+        send: Send,
+        receive: Receive,
+        *,
+        open_stream: bool = False,
+    ) -> None:
+        """The whole proxied request. With `open_stream`, the client's 200 and first bytes were
+        sent already (a cold stream): errors become one SSE error event."""
+        route = call.route
+        try:
+            with self.activity.track(route.model, route.deployment_id, self.clock):
+                await self._relay(call, body, headers, send, receive, open_stream)
+        finally:
+            self._account(call)
+
+    async def _relay(
+        self,
+        call: Call,
+        body: bytes,
+        headers: Mapping[str, str],
+        send: Send,
+        receive: Receive,
+        open_stream: bool,
+    ) -> None:
+        try:
+            upstream = await self._send(call, body, headers)
+        except GatewayError as exc:
+            call.status = exc.status
+            await (_send_event(send, exc.sse_event()) if open_stream else _send_error(send, exc))
+            return
+        try:
+            call.status = upstream.status
+            if open_stream:
+                await self._into_open_stream(call, upstream, send, receive)
+            elif call.stream and upstream.status < 400:
+                await self._stream(call, upstream, send, receive)
+            else:
+                await self._buffered(call, upstream, send)
+        finally:
+            upstream.close()
+
     async def _send(self, call: Call, body: bytes, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
         route = call.route
         call.upstream_started = time.perf_counter()
@@ -124,7 +186,7 @@ class Proxy:
                 "POST",
                 route.base_url + call.path,
                 data=body,
-                headers=request_headers(headers),
+                headers=request_headers(headers, route.api_key),
                 allow_redirects=False,
             )
         except UPSTREAM_ERRORS as exc:
@@ -132,19 +194,84 @@ class Proxy:
             self.on_engine_error(route, f"unreachable: {type(exc).__name__}")
             raise bad_gateway(f"The engine for {route.model} did not answer: {type(exc).__name__}") from exc
 
-    def finish(self, call: Call, body: bytes | None = None, upstream_seconds: float | None = None) -> None:
-        """Account for a finished request: activity, metrics, and a usage row (written later)."""
+    async def _buffered(self, call: Call, upstream: aiohttp.ClientResponse, send: Send) -> None:
+        try:
+            content = await upstream.read()
+        except UPSTREAM_ERRORS as exc:
+            call.status = 502
+            self.on_engine_error(call.route, f"broke off an answer: {type(exc).__name__}")
+            await _send_error(
+                send,
+                bad_gateway(f"The engine for {call.route.model} broke off its answer: {type(exc).__name__}"),
+            )
+            return
+        call.upstream_seconds = time.perf_counter() - call.upstream_started
+        if "content-encoding" not in upstream.headers:
+            call.body = content
+        await send(
+            {
+                "type": "http.response.start",
+                "status": upstream.status,
+                "headers": response_headers(upstream.headers),
+            }
+        )
+        await send({"type": "http.response.body", "body": content})
+
+    async def _stream(
+        self, call: Call, upstream: aiohttp.ClientResponse, send: Send, receive: Receive
+    ) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": upstream.status,
+                "headers": response_headers(upstream.headers),
+            }
+        )
+        await _until_disconnect(self._pump(call, upstream, send), receive)
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _into_open_stream(
+        self, call: Call, upstream: aiohttp.ClientResponse, send: Send, receive: Receive
+    ) -> None:
+        if upstream.status >= 400:
+            try:
+                raw = await upstream.read()
+            except UPSTREAM_ERRORS:
+                raw = b""
+            await _send_event(send, error_event_from_engine(raw, upstream.status))
+            return
+        await _until_disconnect(self._pump(call, upstream, send), receive)
+
+    async def _pump(self, call: Call, upstream: aiohttp.ClientResponse, send: Send) -> None:
+        usage = call.usage
+        try:
+            async for chunk in upstream.content.iter_any():
+                out = usage.feed(chunk) if usage is not None else chunk
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+            if usage is not None and (rest := usage.close()):
+                await send({"type": "http.response.body", "body": rest, "more_body": True})
+        except UPSTREAM_ERRORS as exc:
+            call.status = 502
+            log.warning("engine for %s broke off a stream: %s", call.route.model, exc)
+            self.on_engine_error(call.route, f"broke off a stream: {type(exc).__name__}")
+            event = stream_error(
+                f"The engine for {call.route.model} broke off the stream.", code="engine_error"
+            )
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+
+    def _account(self, call: Call) -> None:
+        """Metrics and a usage row (written later) for a finished request."""
         now = time.perf_counter()
         model = call.route.model
-        self.activity.end(model, self.clock())
         self.metrics.requests.labels(model=model, path=call.path, status=str(call.status)).inc()
         self.metrics.latency.labels(model=model).observe(now - call.started)
         if call.hot and call.upstream_started:
+            waited = call.upstream_seconds if call.upstream_seconds is not None else 0.0
             own = (call.upstream_started - call.started) + (
-                (now - call.upstream_started - upstream_seconds) if upstream_seconds is not None else 0.0
+                (now - call.upstream_started - waited) if call.upstream_seconds is not None else 0.0
             )
             self.metrics.overhead.labels(model=model).observe(max(own, 0.0))
-        usage = call.usage.usage if call.usage is not None else None
         self.usage.record(
             UsageRecord(
                 at=self.clock(),
@@ -154,134 +281,50 @@ class Proxy:
                 status=call.status,
                 stream=call.stream,
                 latency_ms=(now - call.started) * 1000,
-                body=body,
-                usage=usage,
+                body=call.body,
+                usage=call.usage.usage if call.usage is not None else None,
             )
         )
 
-    async def _open(self, call: Call, body: bytes, headers: Mapping[str, str]) -> aiohttp.ClientResponse:
-        """Count the request in flight and send it; an engine that does not answer is accounted
-        for here and raised as a GatewayError (502)."""
-        self.activity.begin(call.route.model, self.clock())
-        try:
-            upstream = await self._send(call, body, headers)
-        except GatewayError as exc:
-            call.status = exc.status
-            self.finish(call)
-            raise
-        call.status = upstream.status
-        return upstream
 
-    async def forward(self, call: Call, body: bytes, headers: Mapping[str, str]) -> Response:
-        """Proxy one request and return the engine's response: buffered when the client asked for
-        no stream, streamed chunk by chunk otherwise."""
-        upstream = await self._open(call, body, headers)
-        if call.stream:
-            return RelayResponse(_Relay(self, call, upstream))
-        try:
-            content = await upstream.read()
-        except UPSTREAM_ERRORS as exc:
-            upstream.close()
-            call.status = 502
-            self.finish(call)
-            self.on_engine_error(call.route, f"broke off an answer: {type(exc).__name__}")
-            raise bad_gateway(
-                f"The engine for {call.route.model} broke off its answer: {type(exc).__name__}"
-            ) from exc
-        upstream.release()
-        upstream_seconds = time.perf_counter() - call.upstream_started
-        encoded = "content-encoding" in upstream.headers
-        self.finish(call, None if encoded else content, upstream_seconds)
-        return Response(content, status_code=upstream.status, headers=response_headers(upstream.headers))
+async def _until_disconnect(pump: Coroutine[Any, Any, None], receive: Receive) -> None:
+    """Run `pump` until it ends or the client disconnects; a client that goes away cuts the
+    engine's stream short (its connection is closed, so the engine stops generating)."""
+    await first_of(pump, _disconnected(receive))
 
-    async def relay_into_open_stream(
-        self, call: Call, body: bytes, headers: Mapping[str, str]
-    ) -> AsyncIterator[bytes]:
-        """For a stream whose 200 and first bytes (loading comments) are already sent: relay the
-        engine's events, and turn an engine error status into one SSE error event."""
-        try:
-            upstream = await self._open(call, body, headers)
-        except GatewayError as exc:
-            yield exc.sse_event()
+
+async def first_of(*coros: Coroutine[Any, Any, None]) -> None:
+    """Run the coroutines until the first one ends; the others are cancelled. An error of the
+    first is raised; one raised while the others were being cancelled is not."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+
+
+async def _disconnected(receive: Receive) -> None:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
             return
-        if upstream.status >= 400:
-            try:
-                raw = await upstream.read()
-            except UPSTREAM_ERRORS:
-                raw = b""
-            finally:
-                upstream.release()
-            self.finish(call)
-            yield error_event_from_engine(raw, upstream.status)
-            return
-        relay = _Relay(self, call, upstream)
-        try:
-            async for chunk in relay.body():
-                yield chunk
-        finally:
-            await relay.close()
 
 
-class _Relay:
-    """One engine stream being relayed; `close()` runs exactly once whether or not the body was
-    ever iterated (a client may disconnect before the first chunk)."""
-
-    def __init__(self, proxy: Proxy, call: Call, upstream: aiohttp.ClientResponse) -> None:
-        self.proxy = proxy
-        self.call = call
-        self.upstream = upstream
-        self._closed = False
-        self._complete = False
-        if upstream.status >= 400:
-            call.usage = None  # an error body is passed through as it is
-
-    async def body(self) -> AsyncIterator[bytes]:
-        usage = self.call.usage
-        try:
-            async for chunk in self.upstream.content.iter_any():
-                out = usage.feed(chunk) if usage is not None else chunk
-                if out:
-                    yield out
-            self._complete = True
-            if usage is not None and (rest := usage.close()):
-                yield rest
-        except UPSTREAM_ERRORS as exc:
-            self.call.status = 502
-            log.warning("engine for %s broke off a stream: %s", self.call.route.model, exc)
-            self.proxy.on_engine_error(self.call.route, f"broke off a stream: {type(exc).__name__}")
-            yield stream_error(
-                f"The engine for {self.call.route.model} broke off the stream.", code="engine_error"
-            )
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            # A stream read to its end gives its connection back; one cut short (client gone)
-            # closes it, which tells the engine to stop generating.
-            if self._complete:
-                self.upstream.release()
-            else:
-                self.upstream.close()
-        finally:
-            self.proxy.finish(self.call)
+async def _send_error(send: Send, exc: GatewayError) -> None:
+    body = json.dumps(exc.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
-class RelayResponse(StreamingResponse):
-    def __init__(self, relay: _Relay) -> None:
-        super().__init__(
-            relay.body(),
-            status_code=relay.upstream.status,
-            headers=response_headers(relay.upstream.headers),
-        )
-        self.relay = relay
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.relay.close()
+async def _send_event(send: Send, event: bytes) -> None:
+    await send({"type": "http.response.body", "body": event, "more_body": True})
 
 
 def stream_error(message: str, *, code: str, type: str = "api_error") -> bytes:
@@ -300,3 +343,19 @@ def error_event_from_engine(raw: bytes, status: int) -> bytes:
     return stream_error(
         message, code=str(status), type="invalid_request_error" if status < 500 else "api_error"
     )
+
+
+class ProxiedResponse(Response):
+    """A response that is one whole `Proxy.exchange()` (FastAPI routes return it)."""
+
+    def __init__(self, proxy: Proxy, call: Call, body: bytes, headers: Mapping[str, str]) -> None:
+        # Response.__init__ is not called: nothing is rendered here, the engine's answer is
+        # relayed when the server calls the response.
+        self.proxy = proxy
+        self.call = call
+        self.request_body = body
+        self.request_headers = headers
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.proxy.exchange(self.call, self.request_body, self.request_headers, send, receive)

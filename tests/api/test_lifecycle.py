@@ -25,11 +25,8 @@ class FakeClock:
         return self.now
 
 
-async def settle(app) -> None:  # let background stop tasks finish
-    for _ in range(50):
-        if not app.state.controller._stops:
-            return
-        await asyncio.sleep(0.01)
+async def settle(app) -> None:  # let the stops asked for finish
+    await app.state.controller.settle()
 
 
 async def test_idle_deployment_is_stopped_after_keep_hot(tmp_path: Path, stub_url: str) -> None:
@@ -64,10 +61,11 @@ async def test_never_stopped_with_a_request_in_flight(tmp_path: Path, stub_url: 
     async with running_gateway(make_settings(tmp_path, keep_hot_seconds=1), provider, clock) as (app, client):
         await client.post("/v1/chat/completions", json=CHAT_BODY)
         activity = app.state.controller.activity
-        activity.begin("org/chat", clock())  # a long request is running
+        dep = app.state.controller.route("org/chat").deployment_id
+        activity.begin("org/chat", clock(), dep)  # a long request is running
         assert await app.state.reaper.tick(clock.advance(3600)) == []
         assert app.state.controller.stop_soon("org/chat", kind="idle-stop", reason="test") is None
-        activity.end("org/chat", clock())
+        activity.end("org/chat", clock(), dep)
         assert len(await app.state.reaper.tick(clock.advance(2))) == 1
 
 
@@ -114,9 +112,14 @@ async def test_shutdown_during_cold_start_stops_the_launching_engine(tmp_path: P
             await asyncio.sleep(0.01)
         assert provider.running
     assert not provider.running
-    pending.cancel()
-    events = Store(make_settings(tmp_path).resolved_database_url).events(kind="launch-cancelled")
-    assert len(events) == 1
+    # The waiting client is told, in the envelope, that the start was cancelled (not a bare 500).
+    answer = await pending
+    assert answer.status_code == 503 and answer.headers["retry-after"]
+    assert answer.json()["error"]["code"] == "start_cancelled"
+    store = Store(make_settings(tmp_path).resolved_database_url)
+    assert len(store.events(kind="shutdown-stop")) == 1
+    [dep] = store.deployments()
+    assert dep.state == DeploymentState.STOPPED
 
 
 async def test_recover_stops_what_a_crashed_gateway_left(tmp_path: Path, stub_url: str) -> None:

@@ -106,7 +106,8 @@ async def test_cold_stream_launch_failure_is_an_error_event(tmp_path: Path, stub
         assert len(events) == 1
         error = json.loads(events[0][6:])["error"]
         assert error["code"] == "engine_start_failed"
-        assert "weights not found" in error["message"]
+        # Clients learn that it failed and where to look; the cause is for admins only.
+        assert "weights not found" not in error["message"] and "/admin/failures" in error["message"]
 
 
 async def test_launch_failure_reaches_every_waiter_and_is_recorded(tmp_path: Path, stub_url: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from gateway.control.controller import ref_json
@@ -23,12 +24,18 @@ async def test_heartbeat_rearms_the_failsafe_every_third(tmp_path: Path, stub_ur
         assert (await http.post("/v1/chat/completions", json=CHAT_BODY)).status_code == 200
         [name] = client.clusters
         reaper = app.state.reaper
-        await reaper.tick(clock.advance(9 * 60))
+
+        async def tick(seconds: float) -> None:  # heartbeats are sent in the background
+            await reaper.tick(clock.advance(seconds))
+            for _ in range(20):
+                await asyncio.sleep(0)
+
+        await tick(9 * 60)
         assert not [c for c in client.calls if c[0] == "autostop"]  # the launch armed it
-        await reaper.tick(clock.advance(61))
-        await reaper.tick(clock.advance(60))
+        await tick(61)
+        await tick(60)
         assert [c for c in client.calls if c[0] == "autostop"] == [("autostop", name, 30)]
-        await reaper.tick(clock.advance(10 * 60))
+        await tick(10 * 60)
         assert len([c for c in client.calls if c[0] == "autostop"]) == 2
 
 
@@ -83,12 +90,26 @@ async def test_reconcile_downs_an_unhealthy_cluster(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     client = FakeSkyClient(endpoint="127.0.0.1:9")  # /health does not answer
     name = await launch_cluster(client, "dsick", "org/chat")
-    seed(settings, "dsick", "org/chat", DeploymentState.LOADING)
+    seed(settings, "dsick", "org/chat", DeploymentState.READY)
     async with running_gateway(settings, SkyPilotProvider(client, CONFIG)) as (app, _):
         assert app.state.store.get_deployment("dsick").state == DeploymentState.STOPPED
         assert name not in client.clusters
         [event] = app.state.store.events(kind="reconciled")
         assert "was stopped" in event.message
+
+
+async def test_reconcile_resumes_waiting_for_a_loading_cluster(tmp_path: Path) -> None:
+    """A restart does not throw away a cold start in progress (audit B6): a runner waits for it."""
+    settings = make_settings(tmp_path)
+    client = FakeSkyClient(endpoint="127.0.0.1:9")  # still loading: /health does not answer yet
+    name = await launch_cluster(client, "dslow", "org/chat")
+    seed(settings, "dslow", "org/chat", DeploymentState.LOADING)
+    async with running_gateway(settings, SkyPilotProvider(client, CONFIG)) as (app, _):
+        assert app.state.store.get_deployment("dslow").state == DeploymentState.LOADING
+        assert name in client.clusters and app.state.controller.phase("org/chat") == "loading"
+        [event] = app.state.store.events(kind="reconciled")
+        assert "adopted loading" in event.message
+    assert name not in client.clusters  # shutdown stops it like any other deployment
 
 
 async def test_reconcile_can_adopt_unknown_clusters(tmp_path: Path, stub_url: str) -> None:

@@ -6,8 +6,9 @@ import asyncio
 from pathlib import Path
 
 from tests.api.test_lifecycle import FakeClock
-from tests.conftest import CHAT_BODY, make_settings, running_gateway
+from tests.conftest import ADMIN_TOKEN, CHAT_BODY, make_settings, running_gateway
 from tests.fakes import FakeProvider
+from tests.stub_upstream import make_app, serve_in_thread
 
 MODELS = {
     "low": {"priority": 0},
@@ -76,20 +77,27 @@ async def test_no_thrash_within_cooldown(tmp_path: Path, stub_url: str) -> None:
         assert [s.model for _, s in provider.swaps] == ["mid", "low"]
 
 
-async def test_takeover_waits_for_requests_in_flight(tmp_path: Path, stub_url: str) -> None:
-    provider = FakeProvider(endpoint=stub_url, capacity_gpus=1)
-    async with running_gateway(make_settings(tmp_path, MODELS, drain_seconds=5), provider) as (app, client):
-        await client.post("/v1/chat/completions", json=body("low"))
-        activity = app.state.controller.activity
-        clock = app.state.controller.clock
-        activity.begin("low", clock())  # a long request of low is running
-        mid = asyncio.create_task(client.post("/v1/chat/completions", json=body("mid")))
-        await asyncio.sleep(0.2)
-        assert not provider.swaps and not mid.done()  # draining: waits for the request
-        assert app.state.controller.phase("low") == "draining"
-        activity.end("low", clock())
-        assert (await mid).status_code == 200
-        assert len(provider.swaps) == 1
+async def test_takeover_waits_for_requests_in_flight(tmp_path: Path) -> None:
+    with serve_in_thread(make_app(chunk_delay=0.15)) as slow_url:  # a stream takes ~0.6 s
+        provider = FakeProvider(endpoint=slow_url, capacity_gpus=1)
+        settings = make_settings(tmp_path, MODELS, drain_seconds=5)
+        async with running_gateway(settings, provider) as (app, client):
+            await client.post("/v1/chat/completions", json=body("low"))
+            # A real stream of low is in flight through the proxy while mid asks for the GPU.
+            low = asyncio.create_task(
+                client.post("/v1/chat/completions", json={**body("low"), "stream": True})
+            )
+            await asyncio.sleep(0.1)
+            mid = asyncio.create_task(client.post("/v1/chat/completions", json=body("mid")))
+            await asyncio.sleep(0.2)
+            assert not provider.swaps and not mid.done()  # draining: waits for the request
+            assert app.state.controller.phase("low") == "draining"
+            assert (await low).text.count("data: ") == 5  # four pieces and [DONE]: not cut short
+            assert (await mid).status_code == 200
+            assert len(provider.swaps) == 1
+
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 async def test_failed_start_is_remembered_until_reset(tmp_path: Path, stub_url: str) -> None:
@@ -104,7 +112,9 @@ async def test_failed_start_is_remembered_until_reset(tmp_path: Path, stub_url: 
         second = await client.post("/v1/chat/completions", json=CHAT_BODY)
         assert second.status_code == 400
         error = second.json()["error"]
-        assert error["code"] == "model_failed" and "weights are corrupt" in error["message"]
+        assert error["code"] == "model_failed" and "weights are corrupt" not in error["message"]
+        [failure] = (await client.get("/admin/failures", headers=AUTH)).json()
+        assert "weights are corrupt" in failure["error"]
         assert len(provider.launches) == 1
         provider.launch_error = None
         await app.state.reaper.tick(clock.advance(301))  # TTL passed: forgotten

@@ -1,0 +1,48 @@
+"""What every part of the control plane works with, passed as one object."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.accounting.ledger import Ledger
+from gateway.accounting.metrics import Metrics
+from gateway.clock import Clock
+from gateway.config.reference import Catalog
+from gateway.config.settings import Settings
+from gateway.control.activity import Activity
+from state import Store
+from tasks.provider import Provider
+
+
+def new_deployment_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass
+class ControlContext:
+    settings: Settings
+    provider: Provider
+    store: Store
+    clock: Clock
+    activity: Activity
+    catalog: Catalog
+    ledger: Ledger
+    metrics: Metrics
+    new_id: Callable[[], str] = new_deployment_id
+    instance_id: str = ""  # this installation's id (kept in the store): the label on its clusters
+    secret: bytes = field(default=b"", repr=False)  # engine keys are derived from it
+
+    def engine_key(self, deployment_id: str) -> str:
+        """The engine's API key: derived again from the gateway's secret after a restart, so the
+        engines an earlier process started can be adopted."""
+        return hmac.new(self.secret, deployment_id.encode(), hashlib.sha256).hexdigest()
+
+
+def gateway_secret(settings: Settings) -> bytes:
+    """The secret engine keys derive from: `engine_secret`, else the admin token."""
+    chosen = settings.engine_secret or settings.admin_token
+    return chosen.get_secret_value().encode() if chosen is not None else b""

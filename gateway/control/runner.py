@@ -1,0 +1,552 @@
+"""One runner per deployment: the single owner of a deployment's lifecycle.
+
+A `DeploymentRunner` is one task that takes a deployment from `pending` to a terminal state:
+launch (or take over a lower-priority model's cluster), wait until ready, serve, wait for a stop
+request, drain, stop. Cleanup is in one `finally` (`_release`), so every exit — success, failure,
+cold-start timeout, a stop request during the start, takeover, unload, after hours, shutdown —
+ends `stopped` or `failed` with `provider.stop` done, or with the cluster handed to the runner of
+another deployment (takeover). Others never change a deployment themselves: they *ask* its
+runner (`request_stop`, `hand_over`, `check_engine`) and await its task.
+
+A stop that fails is retried with back-off, the deployment staying `stopping` (so `failed` and
+`stopped` always mean the engine is gone). A runner whose process lost the controller lease is
+abandoned: it stops at once and causes no side effect, leaving the engine to the new holder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from gateway.api.errors import GatewayError, bad_gateway, unavailable
+from gateway.config.reference import ModelSpec
+from gateway.control.context import ControlContext
+from gateway.control.fleet import Route, ref_json
+from state import ALLOWED, DeploymentState
+from tasks.provider import CapacityError, ClusterRef, Endpoint, LaunchSpec, ProviderError
+
+log = logging.getLogger(__name__)
+S = DeploymentState
+
+# Seconds a client is told to wait before retrying after a 503.
+RETRY_AFTER_CAPACITY = 30
+RETRY_AFTER_COLD_START = 30
+RETRY_AFTER_CANCELLED = 10
+# A failed stop is retried after 2, 4, 8 … seconds, at most this long apart.
+STOP_RETRY_MAX_SECONDS = 60.0
+# While the gateway shuts down, a stop that keeps failing is given up after this many tries; the
+# deployment stays `stopping` in the store and the next start's reconcile tries again.
+STOP_TRIES_AT_SHUTDOWN = 3
+
+_STARTING = frozenset({S.PENDING, S.LAUNCHING, S.LOADING})
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    kind: str  # the event kind: idle-stop, admin-unload, after-hours-stop, shutdown-stop, …
+    reason: str
+    drain: bool = True  # requests in flight get drain_seconds
+    failed: bool = False  # the deployment ends `failed` (its engine died)
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """An engine an earlier gateway process started: serve it (endpoint known) or wait for it."""
+
+    ref: ClusterRef
+    state: DeploymentState
+    endpoint: Endpoint | None = None
+
+
+class RunnerOwner(Protocol):
+    """What a runner needs from the controller that created it."""
+
+    @property
+    def closing(self) -> bool: ...
+
+    async def take_over(self, runner: DeploymentRunner, exc: CapacityError) -> ClusterRef: ...
+
+    def runner_done(self, runner: DeploymentRunner, failure: str | None) -> None: ...
+
+    def heartbeat_slot(self) -> asyncio.Semaphore: ...
+
+
+class _Exit(Exception):
+    """Why a runner's start ended early: what admins are told (`error`) and what waiting clients
+    get (`client`). `failed=False` is a stop request that cut the start short."""
+
+    def __init__(
+        self, *, error: str, client: GatewayError, failed: bool = True, remember: bool = False
+    ) -> None:
+        super().__init__(error)
+        self.error = error
+        self.client = client
+        self.failed = failed
+        self.remember = remember
+        self.discard = False  # nothing was ever held: the deployment costs nothing
+
+
+@dataclass
+class _HandOver:
+    requester: DeploymentRunner
+    future: asyncio.Future[ClusterRef]
+
+
+class DeploymentRunner:
+    def __init__(
+        self,
+        ctx: ControlContext,
+        owner: RunnerOwner,
+        spec: ModelSpec,
+        *,
+        deployment_id: str,
+        launch_spec: LaunchSpec,
+        adoption: Adoption | None = None,
+        previous: Sequence[DeploymentRunner] = (),
+        request_secrets: bool = False,
+    ) -> None:
+        self.ctx = ctx
+        self.owner = owner
+        self.spec = spec
+        self.id = deployment_id
+        self.launch_spec = launch_spec
+        self.state = adoption.state if adoption else S.PENDING
+        self.ref: ClusterRef | None = adoption.ref if adoption else None
+        self.endpoint: Endpoint | None = None
+        self.started_at = ctx.clock()
+        self.ready_at: datetime | None = None
+        self.stop_request: StopRequest | None = None
+        self.handed_over_to: str | None = None
+        self.fenced = False
+        self.done = False
+        self.ready: asyncio.Future[Route] = asyncio.get_running_loop().create_future()
+        self.ready.add_done_callback(_retrieve)
+        # Started with a client's own Hugging Face token: its failure says nothing about everyone
+        # else's requests, so it is not remembered against them.
+        self.request_secrets = request_secrets
+        self._adoption = adoption
+        self._previous = [r for r in previous if not r.task.done()]
+        self._waiting_previous = False
+        self._wake = asyncio.Event()
+        self._handover: _HandOver | None = None
+        self._op: asyncio.Task[None] | None = None
+        self._children: set[asyncio.Task[None]] = set()
+        self._checking = False
+        self._beating = False
+        self.last_beat: datetime | None = None  # the failsafe's last re-arm; None: due at once
+        if adoption is not None and adoption.endpoint is not None:
+            self._became_ready(adoption.endpoint)  # serves from this moment, not from the task's first step
+        self.task = asyncio.create_task(self.run(), name=f"deployment {deployment_id} ({spec.id})")
+
+    # -- what others may ask ----------------------------------------------------------------
+
+    @property
+    def model(self) -> str:
+        return self.spec.id
+
+    @property
+    def deployment_id(self) -> str:
+        return self.id
+
+    @property
+    def serving(self) -> bool:
+        """Ready and taking new requests (no stop or handover asked for)."""
+        return (
+            self.state is S.READY
+            and self.stop_request is None
+            and self._handover is None
+            and not self.done
+            and self.endpoint is not None
+        )
+
+    @property
+    def starting(self) -> bool:
+        """Coming up, and new requests may wait for it."""
+        return self.state in _STARTING and self.stop_request is None and not self.done
+
+    def route(self) -> Route:
+        assert self.endpoint is not None
+        return Route(
+            model=self.model,
+            base_url=self.endpoint.base_url,
+            deployment_id=self.id,
+            api_key=self.ctx.engine_key(self.id),
+        )
+
+    def request_stop(self, request: StopRequest) -> bool:
+        """Ask the runner to stop (the first request wins); a start in progress is cut short.
+        It stops taking new requests at once."""
+        if self.stop_request is not None or self.done:
+            return False
+        self.stop_request = request
+        if self._op is not None and not self._op.done():
+            self._op.cancel()
+        self._wake.set()
+        return True
+
+    def hand_over(self, requester: DeploymentRunner) -> asyncio.Future[ClusterRef]:
+        """Ask a serving runner to drain and give its cluster to `requester` (a takeover)."""
+        future: asyncio.Future[ClusterRef] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieve)
+        self._handover = _HandOver(requester, future)
+        self._wake.set()
+        return future
+
+    def receive_cluster(self, ref: ClusterRef) -> None:
+        """Called by a victim, synchronously, as it hands over: from now on this runner owns
+        `ref`, and its `finally` stops it if the deployment never becomes ready."""
+        self.ref = ref
+
+    def check_engine(self, reason: str) -> None:
+        """The proxy could not talk to the engine: probe it, and stop as failed if it is gone."""
+        if self.serving and not self._checking:
+            self._checking = True
+            self._spawn(self._check(reason))
+
+    def abandon(self) -> None:
+        """This process lost the controller lease: stop at once, touching nothing."""
+        self.fenced = True
+        self.task.cancel()
+
+    # -- the lifecycle ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        exit_: _Exit | None = None
+        try:
+            await self._start()
+            await self._serve()
+        except _Exit as exc:
+            exit_ = exc
+        except Exception as exc:  # a store error or a bug: the deployment must still end
+            log.exception("deployment %s of %s: runner error", self.id, self.model)
+            exit_ = _Exit(
+                error=f"internal error: {type(exc).__name__}: {exc}",
+                client=bad_gateway(
+                    f"The engine for {self.model} failed (deployment {self.id}).", code="engine_start_failed"
+                ),
+            )
+        finally:
+            await self._release(exit_)
+
+    async def _start(self) -> None:
+        if self.stop_request is not None:  # asked to stop before it began (reconcile)
+            raise self._cut_short()
+        if self.endpoint is not None:  # adopted healthy: ready already
+            return
+        op = self._op = asyncio.create_task(self._bring_up(), name=f"start {self.id}")
+        timeout = self.ctx.settings.cold_start_timeout_seconds
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.wait({op})
+        except TimeoutError:
+            op.cancel()
+            await asyncio.wait({op})
+            raise self._timed_out(timeout) from None
+        finally:
+            if not op.done():  # the runner itself was cancelled (abandoned)
+                op.cancel()
+        if op.cancelled():  # a stop request cut the start short
+            raise self._cut_short()
+        op.result()  # re-raises the _Exit of a failed start
+
+    async def _bring_up(self) -> None:
+        await self._wait_previous()
+        try:
+            if self._adoption is None:
+                self._hold(None)  # priced from the settings until the provider says more
+                self._move(S.LAUNCHING)
+                self.ref = await self._launch()
+                self.last_beat = self.ctx.clock()  # the launch armed the failsafe
+                self._hold(self.ref)
+                self.ctx.store.update_deployment(self.id, cluster=self.ref.name, handle=ref_json(self.ref))
+                self._move(S.LOADING)
+            assert self.ref is not None
+            endpoint = await self.ctx.provider.wait_ready(self.ref)
+        except CapacityError as exc:
+            raise self._no_capacity(exc) from exc
+        except Exception as exc:  # ProviderError, or anything a provider let through
+            raise self._start_failed(exc) from exc
+        self._became_ready(endpoint)
+
+    async def _launch(self) -> ClusterRef:
+        try:
+            return await self.ctx.provider.launch(self.launch_spec)
+        except CapacityError as exc:
+            return await self.owner.take_over(self, exc)
+
+    async def _wait_previous(self) -> None:
+        """The model's previous engines must release their GPUs first (under the cold-start
+        timeout, like the rest of the start)."""
+        pending = [r.task for r in self._previous if not r.task.done()]
+        if pending:
+            self._waiting_previous = True
+            await asyncio.wait(pending)
+            self._waiting_previous = False
+
+    def _became_ready(self, endpoint: Endpoint) -> None:
+        now = self.ctx.clock()
+        self.endpoint = endpoint
+        self.ready_at = now
+        for step in (S.LAUNCHING, S.LOADING):  # an adopted one walks up from where it was
+            if step in ALLOWED[self.state]:
+                self._move(step)
+        if self.state is not S.READY:
+            self._move(S.READY, endpoint=endpoint.base_url)
+        self._observe_cold_start()
+        self.ctx.activity.touch(self.model, now)
+        elapsed = (now - self.started_at).total_seconds()
+        self._event("ready", f"ready at {endpoint.base_url} after {elapsed:.1f}s")
+        self.ready.set_result(self.route())
+
+    async def _serve(self) -> None:
+        """Serve until a stop is requested or the cluster is handed over; then drain."""
+        while self.stop_request is None:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._handover is not None and await self._give_away(self._handover):
+                return
+        if self.stop_request.drain and self.ctx.activity.in_flight_of(self.id) > 0:
+            self._move(S.DRAINING)
+            await self.ctx.activity.wait_idle(self.id, self.ctx.settings.drain_seconds)
+
+    async def _give_away(self, handover: _HandOver) -> bool:
+        """Drain, then hand the cluster to the requester if it still wants it; True if handed."""
+        requester = handover.requester
+        self._move(S.DRAINING)
+        self._event("evicted", f"evicted by {requester.model} (priority {requester.spec.priority})")
+        await self.ctx.activity.wait_idle(self.id, self.ctx.settings.drain_seconds)
+        if handover.future.done() or requester.done or requester.stop_request is not None:
+            self.stop_request = StopRequest(
+                "evicted", f"{requester.model} no longer needs the cluster", drain=False
+            )
+            return False
+        assert self.ref is not None
+        self._cancel_children()
+        requester.receive_cluster(self.ref)
+        self.handed_over_to = requester.model
+        handover.future.set_result(self.ref)
+        return True
+
+    async def _release(self, exit_: _Exit | None) -> None:
+        """The one way out: waiters answered, engine stopped (or handed over), state terminal,
+        ledger closed, event written, runner forgotten."""
+        self.done = True
+        self._cancel_children()
+        if not self.ready.done():
+            self.ready.set_exception(exit_.client if exit_ else self._cut_short().client)
+        if self._handover is not None and not self._handover.future.done():
+            self._handover.future.set_exception(CapacityError(f"{self.model} stopped before handing over"))
+        try:
+            if self.fenced:
+                log.warning("deployment %s of %s: abandoned (lease lost)", self.id, self.model)
+            elif self.handed_over_to is not None:
+                self._move(S.STOPPING)
+                self._move(S.STOPPED)
+                self._event("handed-over", f"cluster handed over to {self.handed_over_to}")
+            else:
+                await self._stop_and_close(exit_)
+        finally:
+            remember = exit_ is not None and exit_.remember and not self.fenced
+            self.owner.runner_done(self, exit_.error if remember and exit_ else None)
+
+    async def _stop_and_close(self, exit_: _Exit | None) -> None:
+        if self.stop_request is not None and self.stop_request.kind != "evicted":
+            self._event(self.stop_request.kind, self.stop_request.reason)
+        if exit_ is not None and exit_.failed:
+            log.warning("deployment %s of %s: %s", self.id, self.model, exit_.error.splitlines()[0])
+            self._event("launch-failed", exit_.error)
+        if self.state is not S.STOPPING:
+            self._move(S.STOPPING)
+        if self.ref is not None and not await self._stop_engine():
+            return  # left `stopping`: the next start's reconcile stops it
+        failed = exit_.error if exit_ is not None and exit_.failed else None
+        if failed is None and self.stop_request is not None and self.stop_request.failed:
+            failed = self.stop_request.reason
+        if failed is not None:
+            self._move(S.FAILED, error=failed[:4000])
+        else:
+            self._move(S.STOPPED)
+        if exit_ is not None and exit_.discard:
+            self.ctx.ledger.discard(self.id)
+
+    async def _stop_engine(self) -> bool:
+        """provider.stop, retried until it succeeds; False if given up (shutdown, lease lost)."""
+        assert self.ref is not None
+        tries = 0
+        while True:
+            try:
+                async with asyncio.timeout(self.ctx.settings.stop_timeout_seconds):
+                    await self.ctx.provider.stop(self.ref)
+                return True
+            except Exception as exc:  # ProviderError, a timeout, or the lease is gone
+                tries += 1
+                log.warning("deployment %s of %s: stop failed (try %d): %s", self.id, self.model, tries, exc)
+                if tries == 1:
+                    self._event("stop-failed", f"{type(exc).__name__}: {exc}; retrying")
+                if getattr(exc, "fenced", False) or (self.owner.closing and tries >= STOP_TRIES_AT_SHUTDOWN):
+                    return False
+                await asyncio.sleep(min(2.0**tries, STOP_RETRY_MAX_SECONDS))
+
+    # -- background work of a runner --------------------------------------------------------
+
+    def heartbeat(self, now: datetime) -> None:
+        """Re-arm the cluster's failsafe in the background: bounded in time, at most a few at
+        once across the gateway, and one at a time per runner, so a hung call never holds up
+        the control loop or anything else."""
+        if self.ref is None or self.done or self._beating:
+            return
+        self._beating = True
+        self._spawn(self._beat(now))
+
+    async def _beat(self, now: datetime) -> None:
+        assert self.ref is not None
+        try:
+            async with self.owner.heartbeat_slot():
+                async with asyncio.timeout(self.ctx.settings.provider_call_timeout_seconds):
+                    await self.ctx.provider.heartbeat(self.ref)
+            self.last_beat = now
+        except Exception as exc:
+            log.warning("deployment %s of %s: heartbeat failed: %s", self.id, self.model, exc)
+        finally:
+            self._beating = False
+
+    async def _check(self, reason: str) -> None:
+        assert self.ref is not None
+        try:
+            async with asyncio.timeout(self.ctx.settings.provider_call_timeout_seconds):
+                alive = await self.ctx.provider.probe(self.ref) is not None
+        except Exception:
+            alive = False
+        finally:
+            self._checking = False
+        if not alive:
+            self.request_stop(
+                StopRequest(
+                    "engine-failed", f"engine died while serving ({reason})", drain=False, failed=True
+                )
+            )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._children.add(task)
+        task.add_done_callback(self._children.discard)
+
+    def _cancel_children(self) -> None:
+        for task in list(self._children):
+            if task is not asyncio.current_task():
+                task.cancel()
+
+    # -- how a start ended ------------------------------------------------------------------
+
+    def _timed_out(self, timeout: float) -> _Exit:
+        if self._waiting_previous:
+            return _Exit(
+                error=f"the previous engine of {self.model} did not stop within {timeout:g}s",
+                client=unavailable(
+                    f"{self.model} is still stopping its previous engine; retry later.",
+                    code="cold_start_timeout",
+                    retry_after=RETRY_AFTER_COLD_START,
+                ),
+            )
+        return _Exit(
+            error=f"not ready after {timeout:g}s (cold start timeout)",
+            client=unavailable(
+                f"{self.model} did not become ready within {timeout:g}s.",
+                code="cold_start_timeout",
+                retry_after=RETRY_AFTER_COLD_START,
+            ),
+            remember=True,
+        )
+
+    def _cut_short(self) -> _Exit:
+        request = self.stop_request
+        why = request.reason if request else "the gateway is stopping"
+        return _Exit(
+            error=f"start cancelled: {why}",
+            client=unavailable(
+                f"The start of {self.model} was cancelled ({why}); retry later.",
+                code="start_cancelled",
+                retry_after=RETRY_AFTER_CANCELLED,
+            ),
+            failed=False,
+        )
+
+    def _no_capacity(self, exc: CapacityError) -> _Exit:
+        exit_ = _Exit(
+            error=f"no capacity: {exc}",
+            client=unavailable(
+                f"No GPU capacity for {self.model}: {exc}",
+                code="capacity_unavailable",
+                retry_after=RETRY_AFTER_CAPACITY,
+            ),
+        )
+        exit_.discard = self.ref is None  # no GPUs were ever held
+        return exit_
+
+    def _start_failed(self, exc: BaseException) -> _Exit:
+        error = str(exc) if isinstance(exc, ProviderError) else f"{type(exc).__name__}: {exc}"
+        tail = getattr(exc, "log_tail", None)
+        if tail:
+            error += f"\nlast lines of the engine log:\n{tail}"
+        return _Exit(
+            error=error,
+            client=bad_gateway(
+                f"The engine for {self.model} failed to start (deployment {self.id}); "
+                "an admin can see why in /admin/failures.",
+                code="engine_start_failed",
+            ),
+            remember=not self.request_secrets,
+        )
+
+    # -- store, ledger, events --------------------------------------------------------------
+
+    def _hold(self, ref: ClusterRef | None) -> None:
+        gpus = ref.gpus if ref is not None else self.spec.gpus_per_replica
+        price = self.ctx.ledger.prices.hourly(ref, gpus, self.spec.accelerators or ())
+        self.ctx.ledger.held(self.id, cluster=ref.name if ref else None, gpus=gpus, hourly_price=price)
+
+    def rehold(self, ref: ClusterRef) -> None:
+        """After a takeover: the cost starts now, on the victim's cluster (before, it held nothing)."""
+        self.ctx.ledger.discard(self.id)
+        self._hold(ref)
+        self.ctx.ledger.state(self.id, self.model, S.LAUNCHING, self.ctx.clock())
+
+    def reprice(self, ref: ClusterRef) -> None:
+        self._hold(ref)
+
+    def _move(self, new: DeploymentState, **fields: Any) -> None:
+        old = self.state
+        at = self.ctx.clock()
+        if not self.ctx.store.transition(self.id, expected=old, new=new, at=at, **fields):
+            raise ProviderError(f"deployment {self.id} is no longer {old}")
+        self.ctx.ledger.state(self.id, self.model, new, at)
+        self.state = new
+        log.info("deployment %s of %s: %s -> %s", self.id, self.model, old, new)
+
+    def _event(self, kind: str, message: str) -> None:
+        self.ctx.store.record_event(
+            kind=kind, model=self.model, deployment_id=self.id, message=message, at=self.ctx.clock()
+        )
+
+    def _observe_cold_start(self) -> None:
+        if self._adoption is not None:
+            return
+        dep = self.ctx.store.get_deployment(self.id)
+        if dep is None or not (dep.launching_at and dep.loading_at and dep.ready_at):
+            return
+        for phase, seconds in (
+            ("launching", (dep.loading_at - dep.launching_at).total_seconds()),
+            ("loading", (dep.ready_at - dep.loading_at).total_seconds()),
+            ("total", (dep.ready_at - (dep.pending_at or dep.launching_at)).total_seconds()),
+        ):
+            self.ctx.metrics.cold_start.labels(model=self.model, phase=phase).observe(seconds)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """A future nobody awaits any more must not be reported as an unretrieved exception."""
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,71 @@
+"""Capacity takeover: a model that finds no GPUs moves onto a lower-priority model's cluster.
+
+The policy (`choose_victim`) is pure; this module applies it. The victim's runner is *asked* to
+drain and hand its cluster over; the requester owns the cluster from the moment it is handed
+over, so a swap that fails, or a requester that is cancelled, stops it in the requester's own
+`finally` — no path leaves the cluster without an owner.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from gateway.control.context import ControlContext
+from gateway.control.policies import DeploymentView, Eviction, Request, choose_victim
+from gateway.control.runner import DeploymentRunner
+from tasks.provider import CapacityError, ClusterRef
+
+log = logging.getLogger(__name__)
+
+
+class Takeover:
+    def __init__(self, ctx: ControlContext) -> None:
+        self.ctx = ctx
+        self._evictions: list[Eviction] = []  # remembered for the cooldown against thrash
+
+    async def take_over(
+        self,
+        requester: DeploymentRunner,
+        exc: CapacityError,
+        candidates: list[tuple[DeploymentRunner, DeploymentView]],
+    ) -> ClusterRef:
+        """Swap `requester` onto a victim's cluster, or re-raise `exc` when there is none."""
+        spec = self.ctx.catalog.resolve(requester.model) or requester.spec
+        serving = {view.deployment_id: runner for runner, view in candidates if runner.serving}
+        now = self.ctx.clock()
+        victim_view = choose_victim(
+            [view for _, view in candidates if view.deployment_id in serving],
+            Request(
+                model=spec.id,
+                priority=spec.priority,
+                gpus=spec.gpus_per_replica,
+                accelerators=spec.accelerators or (),
+            ),
+            evictions=self._evictions,
+            now=now,
+            cooldown_seconds=self.ctx.settings.eviction_cooldown_seconds,
+        )
+        if victim_view is None:
+            raise exc
+        victim = serving[victim_view.deployment_id]
+        log.info("%s takes over %s's cluster (%s)", spec.id, victim.model, exc)
+        ref = await victim.hand_over(requester)  # the requester owns `ref` from here on
+        self._remember(victim.model, spec.id, now)
+        requester.rehold(ref)
+        swapped = await self.ctx.provider.swap(ref, requester.launch_spec)
+        requester.receive_cluster(swapped)
+        requester.reprice(swapped)
+        self.ctx.store.record_event(
+            kind="takeover",
+            model=spec.id,
+            deployment_id=requester.id,
+            message=f"took over {ref.name} from {victim.model} (priority {victim_view.priority})",
+            at=self.ctx.clock(),
+        )
+        return swapped
+
+    def _remember(self, victim: str, by: str, now: datetime) -> None:
+        cooldown = self.ctx.settings.eviction_cooldown_seconds
+        self._evictions = [e for e in self._evictions if (now - e.at).total_seconds() < cooldown]
+        self._evictions.append(Eviction(victim=victim, by=by, at=now))
