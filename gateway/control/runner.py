@@ -97,6 +97,8 @@ class _HandOver:
 
 
 class DeploymentRunner:
+    task: asyncio.Task[None]  # the one task that drives the deployment
+
     def __init__(
         self,
         ctx: ControlContext,
