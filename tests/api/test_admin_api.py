@@ -181,7 +181,9 @@ async def test_reset_unloads_everything(tmp_path: Path, stub_url: str) -> None:
         assert not provider.running
 
 
-async def test_swagger_has_bearer_auth_descriptions_and_examples(tmp_path: Path, stub_url: str) -> None:
+async def test_swagger_has_bearer_auth_descriptions_and_response_models(
+    tmp_path: Path, stub_url: str
+) -> None:
     async with running_gateway(make_settings(tmp_path, MODELS), FakeProvider(endpoint=stub_url)) as (
         _,
         client,
@@ -199,7 +201,19 @@ async def test_swagger_has_bearer_auth_descriptions_and_examples(tmp_path: Path,
     for path, method, op in admin_ops:
         assert op["security"] == [{"HTTPBearer": []}], (path, method)
         assert op.get("description"), (path, method)
-        assert "example" in op["responses"]["200"]["content"]["application/json"], (path, method)
+        # A response model (not an example dict) whose every field has an example for Swagger.
+        schema = op["responses"]["200"]["content"]["application/json"]["schema"]
+        model = response_model(spec, schema)
+        for name, field in model["properties"].items():
+            assert "examples" in field or "$ref" in field or "default" in field, (path, method, name)
+
+
+def response_model(spec: dict, schema: dict) -> dict:
+    """The component a response schema names, through `array` items."""
+    if schema.get("type") == "array":
+        schema = schema["items"]
+    name = schema["$ref"].removeprefix("#/components/schemas/")
+    return spec["components"]["schemas"][name]
 
 
 def test_admin_token_is_required(tmp_path: Path) -> None:
