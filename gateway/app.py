@@ -7,18 +7,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import __version__
-from gateway.accounting.costs import spans_of, totals
 from gateway.accounting.ledger import Ledger, PriceBook
 from gateway.accounting.metrics import Metrics, StateCollector
 from gateway.accounting.usage import UsageRecorder
-from gateway.api.admin import admin_router
+from gateway.api import admin, meta
+from gateway.api.deps import require_admin_token
 from gateway.api.errors import install_error_handlers
 from gateway.api.openai_routes import OpenAIGateway, openai_router
 from gateway.clock import Clock, system_clock
@@ -112,6 +109,7 @@ def create_app(
     on_lease_lost: Callable[[], None] = stop_this_process,
     new_id: Callable[[], str] = new_deployment_id,
 ) -> FastAPI:
+    require_admin_token(settings)
     catalog = Catalog(load_reference(settings.model_reference), allow_unlisted=settings.allow_unlisted_models)
     store = Store(settings.resolved_database_url)
     store.create_all()
@@ -218,79 +216,13 @@ def create_app(
     app.state.usage = usage
     app.state.lease = lease
     app.state.proxy = proxy
+    app.state.metrics = metrics
+    app.state.scrape = meta.ScrapeState(controller, store)
+    metrics.add_collector(StateCollector(app.state.scrape))
     install_error_handlers(app)
-
     app.include_router(openai_router(gateway))
-    app.include_router(admin_router(settings=settings, catalog=catalog, controller=controller, store=store))
-
-    def scrape_state() -> dict[str, Any]:
-        by_state, gpus = controller.holdings()
-        return {
-            "deployments": by_state,
-            "gpus_in_use": gpus,
-            "waiting": controller.waiting_all(),
-            "costs": totals(spans_of(store.intervals()), now=clock()),
-        }
-
-    metrics.add_collector(StateCollector(scrape_state))
-
-    @app.get(
-        "/metrics",
-        tags=["Gateway"],
-        summary="Prometheus metrics",
-        description="Requests, latency (and the gateway's own overhead), cold-start phases, deployments, "
-        "GPUs in use, waiting requests, tokens, and cost in dollars and GPU-seconds by model and phase.",
-        response_class=PlainTextResponse,
-        responses={200: {"content": {"text/plain": {"example": "llmgw_gpus_in_use 1.0\n"}}}},
-    )
-    async def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get(
-        "/health",
-        tags=["Gateway"],
-        summary="Liveness",
-        description="200 while the gateway runs.",
-        responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
-    )
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get(
-        "/v1/models",
-        tags=["OpenAI"],
-        summary="List models",
-        description="The models of the reference file with their current state "
-        "(`ready`, `loading`, `stopped`, ... or `external` for models served elsewhere).",
-        responses={
-            200: {
-                "content": {
-                    "application/json": {
-                        "example": {
-                            "object": "list",
-                            "data": [
-                                {
-                                    "id": "tiny-llama",
-                                    "object": "model",
-                                    "created": 0,
-                                    "owned_by": "llm-gateway",
-                                    "state": "stopped",
-                                    "priority": 0,
-                                    "gpus_per_replica": 1,
-                                }
-                            ],
-                        }
-                    }
-                }
-            }
-        },
-    )
-    async def list_models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [_model_entry(s.id, catalog, controller) for s in catalog.specs.values()],
-        }
-
+    app.include_router(admin.router)
+    app.include_router(meta.router)
     return app
 
 
@@ -301,17 +233,3 @@ async def _guarded(step: Callable[[], object]) -> None:
             await result
     except Exception:
         log.exception("shutdown step %s failed; going on", getattr(step, "__qualname__", step))
-
-
-def _model_entry(model_id: str, catalog: Catalog, controller: Controller) -> dict[str, Any]:
-    spec = catalog.specs[model_id]
-    return {
-        "id": spec.id,
-        "object": "model",
-        "created": 0,
-        "owned_by": "llm-gateway",
-        "state": "external" if spec.external else controller.phase(spec.id),
-        "priority": spec.priority,
-        "gpus_per_replica": spec.gpus_per_replica,
-        "kind": spec.kind,
-    }

@@ -12,9 +12,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, event, func, insert, or_, update
+from sqlalchemy import Connection, Engine, delete, event, func, insert, or_, update
+from sqlalchemy import select as core_select
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, create_engine, select
@@ -23,6 +24,7 @@ from state.machine import TERMINAL, TIMESTAMP_COLUMN, DeploymentState, check_tra
 from state.tables import (
     ControllerLease,
     CostInterval,
+    CostTotalRow,
     Deployment,
     Event,
     Installation,
@@ -64,6 +66,56 @@ class IntervalChange:
     relabel: str | None = None
 
 
+class CostTotal(NamedTuple):
+    dollars: float
+    gpu_seconds: float
+
+
+CostTotals = dict[tuple[str, str], CostTotal]  # by (model, phase)
+
+# What `_roll_up` needs of an interval, as RETURNING columns of the statements that change one.
+_COST_COLUMNS = (
+    col(CostInterval.model),
+    col(CostInterval.phase),
+    col(CostInterval.gpus),
+    col(CostInterval.hourly_price),
+    col(CostInterval.started_at),
+    col(CostInterval.ended_at),
+)
+
+
+def _add(totals: CostTotals, key: tuple[str, str], seconds: float, gpus: int, price: float) -> None:
+    before = totals.get(key, CostTotal(0.0, 0.0))
+    totals[key] = CostTotal(before.dollars + seconds / 3600 * price, before.gpu_seconds + seconds * gpus)
+
+
+def _sum_closed(rows: Iterable[Any], *, sign: float = 1.0, phase: str | None = None) -> CostTotals:
+    """Totals of the closed intervals among `rows` (of `_COST_COLUMNS`), under `phase` if given."""
+    out: CostTotals = {}
+    for model, row_phase, gpus, price, start, end in rows:
+        if end is not None:
+            _add(
+                out, (model, phase or row_phase), sign * max((end - start).total_seconds(), 0.0), gpus, price
+            )
+    return out
+
+
+def _roll_up(conn: Connection, delta: CostTotals) -> None:
+    """Add `delta` to the cost_totals table (one row per model and phase)."""
+    table = CostTotalRow.__table__  # type: ignore[attr-defined]
+    for (model, phase), d in delta.items():
+        key = (table.c.model == model, table.c.phase == phase)
+        added = conn.execute(
+            update(table)
+            .where(*key)
+            .values(dollars=table.c.dollars + d.dollars, gpu_seconds=table.c.gpu_seconds + d.gpu_seconds)
+        )
+        if added.rowcount == 0:
+            conn.execute(
+                insert(table).values(model=model, phase=phase, dollars=d.dollars, gpu_seconds=d.gpu_seconds)
+            )
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -71,6 +123,17 @@ class Store:
 
     def create_all(self) -> None:
         SQLModel.metadata.create_all(self.engine)
+        for index in CostInterval.__table__.indexes:  # type: ignore[attr-defined]
+            index.create(self.engine, checkfirst=True)  # added after the table was: create_all skips it
+        self._backfill_cost_totals()
+
+    def _backfill_cost_totals(self) -> None:
+        """A database from before the cost_totals table: sum its closed intervals, once."""
+        with self.engine.begin() as conn:
+            if conn.execute(select(CostTotalRow).limit(1)).first() is not None:
+                return
+            closed = core_select(*_COST_COLUMNS).where(col(CostInterval.ended_at).is_not(None))
+            _roll_up(conn, _sum_closed(conn.execution_options(yield_per=10_000).execute(closed)))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -267,22 +330,22 @@ class Store:
         self.change_intervals([IntervalChange(deployment_id=interval.deployment_id, open=interval)])
 
     def change_intervals(self, changes: Iterable[IntervalChange]) -> None:
-        """Apply ledger changes in one transaction: first close or relabel the open intervals,
-        then insert the new ones in one statement (a deployment has at most one change)."""
-        updates, inserts = [], []
-        for change in changes:
-            is_open = (
-                col(CostInterval.deployment_id) == change.deployment_id,
-                col(CostInterval.ended_at).is_(None),
-            )
-            if change.open is not None:
-                updates.append(update(CostInterval).where(*is_open).values(ended_at=change.open.started_at))
-                inserts.append(change.open.model_dump(exclude={"id"}))
-            elif change.relabel is not None:
-                updates.append(update(CostInterval).where(*is_open).values(phase=change.relabel))
+        """Apply ledger changes in one transaction: first close or relabel the open intervals
+        (adding what they cost to the totals), then insert the new ones in one statement (a
+        deployment has at most one change)."""
+        inserts = []
         with self.engine.begin() as conn:  # core statements: no ORM session to synchronise
-            for statement in updates:
-                conn.execute(statement)
+            for change in changes:
+                is_open = (
+                    col(CostInterval.deployment_id) == change.deployment_id,
+                    col(CostInterval.ended_at).is_(None),
+                )
+                if change.open is not None:
+                    closing = update(CostInterval).where(*is_open).values(ended_at=change.open.started_at)
+                    _roll_up(conn, _sum_closed(conn.execute(closing.returning(*_COST_COLUMNS))))
+                    inserts.append(change.open.model_dump(exclude={"id"}))
+                elif change.relabel is not None:
+                    conn.execute(update(CostInterval).where(*is_open).values(phase=change.relabel))
             if inserts:
                 conn.execute(insert(CostInterval), inserts)
 
@@ -290,20 +353,16 @@ class Store:
         self, deployment_id: str, *, at: datetime, relabel: dict[str, str] | None = None
     ) -> None:
         """Close the deployment's open interval; `relabel` renames phases of all its intervals
-        (a failed launch turns its cold time into failed time)."""
-        with Session(self.engine) as s:
-            s.exec(
-                update(CostInterval)
-                .where(col(CostInterval.deployment_id) == deployment_id, col(CostInterval.ended_at).is_(None))
-                .values(ended_at=at)
-            )
+        (a failed launch turns its cold time into failed time). The totals follow."""
+        of_deployment = col(CostInterval.deployment_id) == deployment_id
+        with self.engine.begin() as conn:
+            closing = update(CostInterval).where(of_deployment, col(CostInterval.ended_at).is_(None))
+            _roll_up(conn, _sum_closed(conn.execute(closing.values(ended_at=at).returning(*_COST_COLUMNS))))
             for old, new in (relabel or {}).items():
-                s.exec(
-                    update(CostInterval)
-                    .where(col(CostInterval.deployment_id) == deployment_id, col(CostInterval.phase) == old)
-                    .values(phase=new)
-                )
-            s.commit()
+                renaming = update(CostInterval).where(of_deployment, col(CostInterval.phase) == old)
+                moved = conn.execute(renaming.values(phase=new).returning(*_COST_COLUMNS)).all()
+                _roll_up(conn, _sum_closed(moved, sign=-1.0, phase=old))
+                _roll_up(conn, _sum_closed(moved))
 
     def update_open_interval(self, deployment_id: str, **fields: Any) -> None:
         with Session(self.engine) as s:
@@ -315,10 +374,9 @@ class Store:
             s.commit()
 
     def delete_intervals(self, deployment_id: str) -> None:
-        with Session(self.engine) as s:
-            for row in s.exec(select(CostInterval).where(col(CostInterval.deployment_id) == deployment_id)):
-                s.delete(row)
-            s.commit()
+        with self.engine.begin() as conn:
+            deleting = delete(CostInterval).where(col(CostInterval.deployment_id) == deployment_id)
+            _roll_up(conn, _sum_closed(conn.execute(deleting.returning(*_COST_COLUMNS)), sign=-1.0))
 
     def check_open_intervals(self, at: datetime) -> None:
         with Session(self.engine) as s:
@@ -340,6 +398,20 @@ class Store:
             if since is not None:
                 q = q.where(or_(col(CostInterval.ended_at).is_(None), col(CostInterval.ended_at) > since))
             return list(s.exec(q))
+
+    def cost_totals(self, now: datetime) -> CostTotals:
+        """Dollars and GPU-seconds by (model, phase) over all time, open intervals up to `now`
+        (what `gateway.accounting.costs.totals` computes from every interval). Reads one row per
+        model and phase, plus the open intervals (one per live deployment)."""
+        with self.engine.connect() as conn:
+            totals = {
+                (r.model, r.phase): CostTotal(max(r.dollars, 0.0), max(r.gpu_seconds, 0.0))
+                for r in conn.execute(select(CostTotalRow))
+            }
+            still_open = conn.execute(core_select(*_COST_COLUMNS).where(col(CostInterval.ended_at).is_(None)))
+            for model, phase, gpus, price, start, _ in still_open:
+                _add(totals, (model, phase), max((now - start).total_seconds(), 0.0), gpus, price)
+        return totals
 
     # -- controller lease -----------------------------------------------------------------
 

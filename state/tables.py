@@ -108,7 +108,10 @@ class CostInterval(SQLModel, table=True):
     running gateway saw it open (used to close it after a crash)."""
 
     __tablename__ = "cost_intervals"
-    __table_args__ = (Index("ix_cost_open", "deployment_id", "ended_at"),)
+    __table_args__ = (
+        Index("ix_cost_open", "deployment_id", "ended_at"),
+        Index("ix_cost_ended", "ended_at"),  # the open ones (ended_at IS NULL) without a scan
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     deployment_id: str = Field(max_length=32)
@@ -121,6 +124,19 @@ class CostInterval(SQLModel, table=True):
     started_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))
     ended_at: datetime | None = _ts()
     checked_at: datetime | None = _ts()
+
+
+class CostTotalRow(SQLModel, table=True):
+    """Dollars and GPU-seconds of the closed cost intervals, by model and phase, kept by the
+    store in the same transaction as each change of a closed interval (close, relabel, delete),
+    so /metrics reads a row per model and phase instead of every interval ever."""
+
+    __tablename__ = "cost_totals"
+
+    model: str = Field(primary_key=True, max_length=256)
+    phase: str = Field(primary_key=True, max_length=16)
+    dollars: float = 0.0
+    gpu_seconds: float = 0.0
 
 
 class ControllerLease(SQLModel, table=True):

@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import json
+import logging
+import secrets
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
 
 
 class GatewayError(Exception):
@@ -98,7 +103,70 @@ _STATUS_TYPES = {
 }
 
 
+def internal_error(request_id: str) -> GatewayError:
+    """What a client learns of an unexpected error: that it happened, and what to quote."""
+    return GatewayError(
+        500,
+        f"The gateway failed to handle this request (request id {request_id}); its log has the details.",
+        type="api_error",
+        code="internal_error",
+        headers={"X-Request-ID": request_id},
+    )
+
+
+class CatchAll:
+    """Pure ASGI middleware (inside Starlette's ServerErrorMiddleware, which would answer plain
+    text and re-raise): any other exception becomes the OpenAI envelope with a request id that
+    is logged with the traceback. If the response has started, a stream of server-sent events
+    gets the error as its last event; any other response is cut (the exception goes on to the
+    server, which closes the connection)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        progress = _Progress(send)
+        try:
+            await self.app(scope, receive, progress.send)
+        except Exception as exc:
+            request_id = secrets.token_hex(8)
+            log.error(
+                "request %s: %s %s failed", request_id, scope.get("method"), scope.get("path"), exc_info=exc
+            )
+            error = internal_error(request_id)
+            if not progress.started:
+                await error.response()(scope, receive, send)
+            elif progress.event_stream and not progress.finished:
+                await send({"type": "http.response.body", "body": error.sse_event(), "more_body": False})
+            elif not progress.finished:
+                raise
+
+
+class _Progress:
+    """How far a response got: started, a stream of server-sent events, finished."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = self.event_stream = self.finished = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            self.event_stream = any(
+                k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                for k, v in message.get("headers", ())
+            )
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.finished = True
+        await self._send(message)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_middleware(CatchAll)
+
     @app.exception_handler(GatewayError)
     async def _gateway_error(_request: Request, exc: GatewayError) -> JSONResponse:
         return exc.response()

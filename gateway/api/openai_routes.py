@@ -18,7 +18,7 @@ from gateway.config.reference import Catalog, ModelSpec
 from gateway.config.settings import Settings
 from gateway.control.controller import Controller, Waiter
 from gateway.control.fleet import Route
-from gateway.proxy.sse import UsageFilter, ask_for_usage, wants_usage
+from gateway.proxy.sse import UsageFilter, ask_for_usage, should_ask_for_usage
 from gateway.proxy.upstream import Call, ProxiedResponse, Proxy
 
 # A Hugging Face token for gated models, per request; handed to the engine it starts, never kept.
@@ -63,12 +63,10 @@ class OpenAIGateway:
             raise model_not_found(model)
         usage = None
         if stream:
-            strip = not wants_usage(payload)
+            strip = should_ask_for_usage(spec, payload)
             usage = UsageFilter(strip=strip)
-            if strip and spec.endpoint is None:  # ask the engine for token usage; the filter removes it again
+            if strip:  # ask the engine for token usage; the filter removes it again
                 body = ask_for_usage(payload)
-            elif strip:
-                usage = None  # an external endpoint gets the body as it is
         route = self.route_of(spec)
         if route is not None:
             call = Call(route=route, path=path, stream=stream, started=started, usage=usage)

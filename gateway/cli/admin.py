@@ -1,14 +1,19 @@
 """`llm-gateway admin ...`: the admin API from a terminal. Lists print as tables (`--json` for
-the raw answer). The token comes from `--token` or LLMGW_ADMIN_TOKEN."""
+the raw answer). The token comes from `--token` or LLMGW_ADMIN_TOKEN. Times given to
+`--since`/`--until` are ISO 8601; a date alone is its midnight, and no zone means UTC."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import quote
 
 import httpx
 import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 admin = typer.Typer(help="Steer a running gateway through its admin API.", no_args_is_help=True)
 
@@ -50,15 +55,21 @@ class Target:
         if self.as_json or columns is None or not isinstance(data, list):
             typer.echo(json.dumps(data, indent=2))
         else:
-            typer.echo(table(data, columns))
+            print_table(data, columns)
 
 
-def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    return "\n".join(lines) if rows else lines[0] + "\n(none)"
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for column in columns:
+        table.add_column(column.upper())
+    for row in rows:
+        table.add_row(*(Text(_cell(row.get(c))) for c in columns))  # Text: values are not markup
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=100_000)  # piped: one line per row, for grep
+    console.print(table)
+    if not rows:
+        console.print("(none)")
 
 
 def _cell(value: Any) -> str:
@@ -67,6 +78,19 @@ def _cell(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+def utc_time(value: str | None) -> str | None:
+    """A `--since`/`--until` value as an ISO time in UTC (no zone given: UTC)."""
+    if value is None:
+        return None
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise typer.BadParameter(
+            f"{value!r} is not an ISO 8601 date or time (2026-11-27, 2026-11-27T10:00)"
+        ) from exc
+    return (at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)).isoformat()
 
 
 def _model_path(model: str) -> str:
@@ -149,8 +173,12 @@ def events(
     ctx: typer.Context,
     model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
     kind: Annotated[str | None, typer.Option(help="Only this kind (launch, idle-stop, ...).")] = None,
-    since: Annotated[str | None, typer.Option(help="ISO time, inclusive.")] = None,
-    until: Annotated[str | None, typer.Option(help="ISO time, exclusive.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="ISO time (UTC if no zone), inclusive.", callback=utc_time)
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="ISO time (UTC if no zone), exclusive.", callback=utc_time)
+    ] = None,
     limit: int = 100,
 ) -> None:
     """Control decisions and why they were taken."""
@@ -163,8 +191,13 @@ def events(
 def costs(
     ctx: typer.Context,
     group_by: Annotated[str, typer.Option(help="model, day, cluster or phase.")] = "model",
-    since: Annotated[str | None, typer.Option(help="ISO time (default: 7 days before until).")] = None,
-    until: Annotated[str | None, typer.Option(help="ISO time (default: now).")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(help="ISO time, UTC if no zone (default: 7 days before until).", callback=utc_time),
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="ISO time, UTC if no zone (default: now).", callback=utc_time)
+    ] = None,
     csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
 ) -> None:
     """GPU cost by model, day, cluster or phase, split into cold, serving, idle and failed."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from tasks.provider import ProviderError
 from tests.api.test_lifecycle import FakeClock
 from tests.conftest import ADMIN_TOKEN, CHAT_BODY, make_settings, running_gateway
 from tests.fakes import FakeProvider
+from tests.stub_upstream import make_app, serve_in_thread
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 MODELS = {"org/chat": {}, "meta-llama/Llama-3.1-8B-Instruct": {"priority": 1}, "pinned": {"priority": 2}}
@@ -181,7 +183,9 @@ async def test_reset_unloads_everything(tmp_path: Path, stub_url: str) -> None:
         assert not provider.running
 
 
-async def test_swagger_has_bearer_auth_descriptions_and_examples(tmp_path: Path, stub_url: str) -> None:
+async def test_swagger_has_bearer_auth_descriptions_and_response_models(
+    tmp_path: Path, stub_url: str
+) -> None:
     async with running_gateway(make_settings(tmp_path, MODELS), FakeProvider(endpoint=stub_url)) as (
         _,
         client,
@@ -199,7 +203,19 @@ async def test_swagger_has_bearer_auth_descriptions_and_examples(tmp_path: Path,
     for path, method, op in admin_ops:
         assert op["security"] == [{"HTTPBearer": []}], (path, method)
         assert op.get("description"), (path, method)
-        assert "example" in op["responses"]["200"]["content"]["application/json"], (path, method)
+        # A response model (not an example dict) whose every field has an example for Swagger.
+        schema = op["responses"]["200"]["content"]["application/json"]["schema"]
+        model = response_model(spec, schema)
+        for name, field in model["properties"].items():
+            assert "examples" in field or "$ref" in field or "default" in field, (path, method, name)
+
+
+def response_model(spec: dict, schema: dict) -> dict:
+    """The component a response schema names, through `array` items."""
+    if schema.get("type") == "array":
+        schema = schema["items"]
+    name = schema["$ref"].removeprefix("#/components/schemas/")
+    return spec["components"]["schemas"][name]
 
 
 def test_admin_token_is_required(tmp_path: Path) -> None:
@@ -207,3 +223,89 @@ def test_admin_token_is_required(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="admin_token"):
         create_app(make_settings(tmp_path, MODELS, admin_token=None), provider=FakeProvider())
+
+
+async def test_times_without_a_zone_are_utc(tmp_path: Path, stub_url: str) -> None:
+    clock = FakeClock()  # 2026-03-01 12:00 UTC
+    costs = {"default_gpu_hour": 3.6, "gpu_hour": {}}
+    settings = make_settings(tmp_path, MODELS, costs=costs, keep_hot_seconds=7200)
+    async with running_gateway(settings, FakeProvider(endpoint=stub_url), clock) as (app, client):
+        await client.post("/v1/chat/completions", json=CHAT_BODY)  # launch + ready at 12:00, 1 GPU
+        clock.advance(3600)
+        await app.state.reaper.tick(clock())
+
+        async def events(**params: str) -> list[str]:
+            r = await client.get("/admin/events", headers=AUTH, params={"model": "org/chat", **params})
+            assert r.status_code == 200, (params, r.text)
+            return [e["kind"] for e in r.json()]
+
+        assert await events(since="2026-03-01") == ["launch", "ready"]  # a date: its midnight UTC
+        assert await events(since="2026-03-02") == []
+        assert await events(until="2026-03-01T12:00") == []  # 12:00 UTC, not local time
+        assert await events(until="2026-03-01T12:00:01") == ["launch", "ready"]
+        assert await events(until="2026-03-01T13:00+02:00") == []  # 11:00 UTC
+        assert await events(since="2026-03-01T12:00", until="2026-03-01T12:00:00.000001") == [
+            "launch",
+            "ready",
+        ]
+
+        async def dollars(**params: str) -> float:
+            r = await client.get("/admin/costs", headers=AUTH, params=params)
+            assert r.status_code == 200, (params, r.text)
+            return sum(row["dollars"] for row in r.json())
+
+        whole_hour = await dollars(since="2026-03-01T12:00:00Z", until="2026-03-01T13:00:00Z")
+        assert whole_hour == pytest.approx(3.6)
+        assert await dollars(since="2026-03-01T12:00", until="2026-03-01T13:00") == whole_hour
+        assert await dollars(since="2026-03-01T12:30", until="2026-03-01") == 0  # empty range
+        assert await dollars(since="2026-03-01T12:30") == pytest.approx(1.8)
+        r = await client.get("/admin/costs", headers=AUTH, params={"since": "2026-03-01", "format": "csv"})
+        assert r.status_code == 200 and r.text.startswith("model,dollars")
+
+        for path in ("/admin/events", "/admin/costs"):
+            for name in ("since", "until"):
+                r = await client.get(path, headers=AUTH, params={name: "2026-13-01"})
+                assert r.status_code == 400, (path, name)
+                assert r.json()["error"]["param"] == f"query.{name}"
+                assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_patch_of_an_unlisted_model_is_kept_across_restarts(tmp_path: Path, stub_url: str) -> None:
+    settings = make_settings(tmp_path, MODELS, allow_unlisted_models=True)
+    async with running_gateway(settings, FakeProvider(endpoint=stub_url)) as (_, client):
+        r = await client.patch("/admin/models/org/unlisted", headers=AUTH, json={"priority": 3})
+        assert r.status_code == 200 and r.json()["priority"] == 3
+    async with running_gateway(settings, FakeProvider(endpoint=stub_url)) as (_, client):
+        one = (await client.get("/admin/models/org/unlisted", headers=AUTH)).json()
+        assert (one["priority"], one["reference_priority"]) == (3, 0)
+        r = await client.patch("/admin/models/org/unlisted", headers=AUTH, json={"keep_hot_seconds": 5})
+        assert (r.json()["priority"], r.json()["keep_hot_seconds"]) == (3, 5)
+    async with running_gateway(settings, FakeProvider(endpoint=stub_url)) as (_, client):
+        one = (await client.get("/admin/models/org/unlisted", headers=AUTH)).json()
+        assert (one["priority"], one["keep_hot_seconds"]) == (3, 5)
+
+
+async def test_reset_lists_only_what_it_stopped(tmp_path: Path) -> None:
+    """A model being taken over (draining for its last request) when the reset comes: the
+    answer names a model only if its engine or its start was stopped."""
+    models = {"low": {"priority": 0}, "mid": {"priority": 1}}
+    with serve_in_thread(make_app(chunk_delay=0.5)) as slow_stub:  # a 2-second stream
+        provider = FakeProvider(endpoint=slow_stub, capacity_gpus=1)
+        settings = make_settings(tmp_path, models, drain_seconds=30)
+        async with running_gateway(settings, provider) as (app, client):
+            low = {**CHAT_BODY, "model": "low"}
+            assert (await client.post("/v1/chat/completions", json=low)).status_code == 200
+            streaming = asyncio.create_task(client.post("/v1/chat/completions", json={**low, "stream": True}))
+            mid = asyncio.create_task(client.post("/v1/chat/completions", json={**low, "model": "mid"}))
+            controller = app.state.controller
+            for _ in range(200):
+                if controller.phase("low") == "draining":
+                    break
+                await asyncio.sleep(0.01)
+            assert controller.phase("low") == "draining" and controller.phase("mid") == "launching"
+            r = await client.post("/admin/reset", headers=AUTH)
+            assert r.status_code == 200
+            still_running = {ref.data["model"] for ref in provider.running.values()}
+            assert "mid" in r.json()["stopped"]  # its start was cancelled
+            assert set(r.json()["stopped"]) == {"low", "mid"} - still_running
+            await asyncio.gather(streaming, mid, return_exceptions=True)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from gateway.app import create_app
+from gateway.cli.admin import utc_time
 from gateway.cli.main import app as cli
+from tasks.provider import ProviderError
 from tests.conftest import ADMIN_TOKEN, make_settings
 from tests.fakes import FakeProvider
 from tests.stub_upstream import serve_in_thread
@@ -69,3 +72,36 @@ def test_cli_errors(gateway_url: str) -> None:
     assert code == 1 and "cannot reach" in out
     result = CliRunner().invoke(cli, ["admin", "models"], env={"LLMGW_ADMIN_TOKEN": ""})
     assert result.exit_code == 2
+
+
+def test_cli_times_without_a_zone_are_utc(gateway_url: str) -> None:
+    assert run(gateway_url, "load", "org/chat", "--wait")[0] == 0  # events now
+    today = datetime.now(UTC).date().isoformat()
+    code, out = run(gateway_url, "events", "--model", "org/chat", "--since", today)  # midnight UTC
+    assert code == 0 and "launch" in out and "ready" in out
+    code, out = run(gateway_url, "events", "--model", "org/chat", "--until", f"{today}T00:00")
+    assert code == 0 and "(none)" in out
+    code, out = run(gateway_url, "costs", "--since", today, "--until", "2999-01-01")
+    assert code == 0 and "org/chat" in out
+    for option in ("--since", "--until"):
+        code, out = run(gateway_url, "events", option, "yesterday")
+        assert code == 2 and option in out and "ISO 8601" in out
+
+
+def test_cli_sends_utc_times() -> None:
+    assert utc_time("2026-11-27") == "2026-11-27T00:00:00+00:00"
+    assert utc_time("2026-11-27T10:00") == "2026-11-27T10:00:00+00:00"
+    assert utc_time("2026-11-27T10:00:00.5-06:00") == "2026-11-27T16:00:00.500000+00:00"
+    assert utc_time("2026-11-27T10:00Z") == "2026-11-27T10:00:00+00:00"
+    assert utc_time(None) is None
+
+
+def test_cli_tables_show_values_as_they_are(tmp_path: Path, stub_url: str) -> None:
+    """Text that looks like rich markup (`[Errno 111]`, `[bold]`) is printed, not interpreted."""
+    error = "[bold]engine[/bold] said [Errno 111] Connection refused"
+    provider = FakeProvider(endpoint=stub_url, launch_error=ProviderError(error))
+    with serve_in_thread(create_app(make_settings(tmp_path, MODELS), provider=provider)) as url:
+        assert run(url, "load", "org/chat", "--wait")[0] == 1
+        code, out = run(url, "failures")
+    assert code == 0 and error in out
+    assert out.splitlines()[0].split() == ["MODEL", "AT", "ERROR"]
