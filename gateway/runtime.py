@@ -1,0 +1,210 @@
+"""The gateway's object graph and its life: built by `Runtime.build`, started once this
+process holds the controller lease, stopped step by step so that one failing step skips
+nothing. `create_app` (app.py) puts the HTTP routes on top."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.accounting.ledger import Ledger, PriceBook
+from gateway.accounting.metrics import Metrics
+from gateway.accounting.usage import UsageRecorder
+from gateway.api.openai_routes import OpenAIGateway
+from gateway.clock import Clock, system_clock
+from gateway.config.reference import Catalog, load_reference
+from gateway.config.settings import Settings
+from gateway.control.activity import Activity
+from gateway.control.context import ControlContext, gateway_secret, new_deployment_id
+from gateway.control.controller import Controller
+from gateway.control.fencing import FencedProvider
+from gateway.control.lease import ControllerLease, stop_this_process
+from gateway.control.reaper import Reaper
+from gateway.control.reconcile import reconcile
+from gateway.proxy.upstream import Proxy
+from state import ModelRecord, Store
+from tasks.local import LocalConfig, LocalProvider
+from tasks.provider import Provider
+
+log = logging.getLogger(__name__)
+
+
+def build_provider(settings: Settings) -> Provider:
+    if settings.provider == "local":
+        return LocalProvider(
+            LocalConfig(
+                engine_command=settings.local.engine_command,
+                gpu_ids=tuple(settings.local.resolved_gpu_ids()),
+                log_dir=settings.data_dir / "engines",
+                stop_grace_seconds=settings.local.stop_grace_seconds,
+                env=settings.local.env,
+            )
+        )
+    return build_skypilot_provider(settings)
+
+
+def build_skypilot_provider(settings: Settings) -> Provider:
+    try:
+        from tasks.sky_client import SdkSkyClient
+        from tasks.sky_task import SkyTaskConfig
+        from tasks.skypilot import SkyPilotConfig, SkyPilotProvider
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise ProviderUnavailable(
+            f"provider 'skypilot' needs `pip install llm-gateway[skypilot]`: {exc}"
+        ) from exc
+    sky = settings.skypilot
+    try:
+        client = SdkSkyClient()
+    except ImportError as exc:
+        raise ProviderUnavailable(
+            f"provider 'skypilot' needs `pip install llm-gateway[skypilot]`: {exc}"
+        ) from exc
+    task = SkyTaskConfig(
+        default_accelerators=tuple(sky.default_accelerators),
+        disk_size_gb=sky.disk_size_gb,
+        use_spot=sky.use_spot,
+        vllm_version=sky.vllm_version,
+        image=sky.image,
+        infra=sky.infra,
+        extra_labels=dict(sky.labels),
+    )
+    return SkyPilotProvider(
+        client,
+        SkyPilotConfig(
+            task=task, failsafe_minutes=sky.failsafe_minutes, job_check_seconds=sky.job_check_seconds
+        ),
+    )
+
+
+class ProviderUnavailable(ValueError):
+    pass
+
+
+def price_book(settings: Settings, provider: str) -> PriceBook:
+    costs = settings.costs
+    if provider == "local":
+        return PriceBook(per_gpu_hour={}, default_gpu_hour=costs.local_gpu_hour)
+    return PriceBook(per_gpu_hour=costs.gpu_hour, default_gpu_hour=costs.default_gpu_hour)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    provider: Provider
+    catalog: Catalog
+    store: Store
+    lease: ControllerLease
+    metrics: Metrics
+    usage: UsageRecorder
+    controller: Controller
+    reaper: Reaper
+    proxy: Proxy
+    gateway: OpenAIGateway
+    on_lease_lost: Callable[[], None] = stop_this_process
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        provider: Provider | None = None,
+        clock: Clock = system_clock,
+        on_lease_lost: Callable[[], None] = stop_this_process,
+        new_id: Callable[[], str] = new_deployment_id,
+    ) -> Runtime:
+        catalog = Catalog(
+            load_reference(settings.model_reference), allow_unlisted=settings.allow_unlisted_models
+        )
+        store = Store(settings.resolved_database_url)
+        store.create_all()
+        provider = provider or build_provider(settings)
+        lease = ControllerLease(store, clock, seconds=settings.controller_lease_seconds)
+        metrics = Metrics()
+        activity = Activity()
+        usage = UsageRecorder(store, metrics)
+        ctx = ControlContext(
+            settings=settings,
+            provider=FencedProvider(provider, lambda: lease.held),  # only the lease holder acts
+            store=store,
+            clock=clock,
+            activity=activity,
+            catalog=catalog,
+            ledger=Ledger(store, price_book(settings, provider.name), provider=provider.name),
+            metrics=metrics,
+            new_id=new_id,
+            instance_id=store.instance_id(),
+            secret=gateway_secret(settings),
+        )
+        controller = Controller(ctx)
+        proxy = Proxy(
+            settings.upstream_timeout_seconds,
+            activity,
+            usage,
+            clock,
+            metrics,
+            on_engine_error=controller.engine_error,
+        )
+        return cls(
+            settings=settings,
+            provider=provider,
+            catalog=catalog,
+            store=store,
+            lease=lease,
+            metrics=metrics,
+            usage=usage,
+            controller=controller,
+            reaper=Reaper(controller, usage, settings),
+            proxy=proxy,
+            gateway=OpenAIGateway(settings=settings, catalog=catalog, controller=controller, proxy=proxy),
+            on_lease_lost=on_lease_lost,
+        )
+
+    async def start(self) -> None:
+        """Stand by until this process holds the lease, then reconcile and run the control loop."""
+        await self.lease.acquire()  # one control loop per database
+        self._tasks.append(asyncio.create_task(self.lease.keep(self._lease_lost), name="controller lease"))
+        catalog, store = self.catalog, self.store
+        catalog.load_overrides(store.overrides())
+        store.upsert_models(
+            ModelRecord(id=s.id, gpus_per_replica=s.gpus_per_replica, priority=s.priority, kind=s.kind)
+            for s in catalog.specs.values()
+        )
+        await reconcile(self.controller, catalog, unknown=self.settings.reconcile_unknown)
+        # Series that exist from the start: Prometheus' increase() ignores a series' first sample.
+        for spec in catalog.specs.values():
+            if not spec.external:
+                for phase in ("launching", "loading", "total"):
+                    self.metrics.cold_start.labels(model=spec.id, phase=phase)
+        self._tasks.append(self.reaper.start())
+        log.info("gateway ready: %d models, provider %s", len(catalog.specs), self.provider.name)
+
+    def _lease_lost(self) -> None:
+        self.controller.abandon()  # stop acting at once; the new holder adopts the engines
+        self.on_lease_lost()
+
+    async def stop(self) -> None:
+        """Each step runs whatever the one before it did: one failure skips nothing."""
+        lease_task, loop_tasks = (self._tasks[0], self._tasks[1:]) if self._tasks else (None, [])
+        for task in loop_tasks:
+            task.cancel()
+        await asyncio.gather(*loop_tasks, return_exceptions=True)
+        await _guarded(self.controller.shutdown)
+        await _guarded(self.reaper.settle)
+        if lease_task is not None:
+            lease_task.cancel()
+            await asyncio.gather(lease_task, return_exceptions=True)
+        for step in (self.lease.release, self.controller.flush_activity, self.usage.flush, self.proxy.close):
+            await _guarded(step)
+        self.store.close()
+        log.info("gateway stopped")
+
+
+async def _guarded(step: Callable[[], object]) -> None:
+    try:
+        result = step()
+        if asyncio.iscoroutine(result):
+            await result
+    except Exception:
+        log.exception("shutdown step %s failed; going on", getattr(step, "__qualname__", step))
