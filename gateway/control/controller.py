@@ -208,6 +208,7 @@ class Controller:
         Synchronous on purpose: admission is decided before the caller commits to a response.
         `secrets` (a per-request Hugging Face token) are used only if this call starts it."""
         model = spec.id
+        self._refuse_when_closing(model)
         if self._waiting.get(model, 0) >= self.ctx.settings.max_waiting_requests:
             raise unavailable(
                 f"Too many requests are waiting for {model} to start; retry later.",
@@ -224,7 +225,18 @@ class Controller:
         """Start `spec` unless it is ready or starting (an admin's load, a pre-warm): no request
         waits, so nothing joins the queue."""
         runner = next((r for r in self.runners(spec.id) if r.serving or r.starting), None)
+        if runner is None:
+            self._refuse_when_closing(spec.id)
         return runner or self._start(spec, {})
+
+    def _refuse_when_closing(self, model: str) -> None:
+        """No new start once the gateway is stopping, or has lost the lease."""
+        if self.closing:
+            raise unavailable(
+                f"This gateway is stopping; {model} cannot be started here now.",
+                code="gateway_stopping",
+                retry_after=RETRY_AFTER_QUEUE_FULL,
+            )
 
     async def ensure_ready(self, spec: ModelSpec, secrets: Mapping[str, str] | None = None) -> Route:
         route = self.route(spec.id)

@@ -135,7 +135,14 @@ def test_stream_usage_is_read_without_changing_what_the_client_sees(hot_gateway:
         return out
 
     direct, via = events(dep.endpoint), events(hot_gateway.base_url)
-    assert via == direct
+
+    # vLLM may put several tokens in one chunk when its steps run late (a loaded machine), so
+    # the two runs are compared by what they say, not by where their chunks happen to break.
+    def said(evs: list[dict]) -> tuple:
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in evs if e["choices"])
+        return text, evs[-1]["choices"][0]["finish_reason"], sorted({k for e in evs for k in e})
+
+    assert said(via) == said(direct)
     assert all("usage" not in e for e in via)
     assert via[-1].get("system_fingerprint")  # where vLLM puts it without usage
 
