@@ -26,7 +26,7 @@ from tasks.provider import (
     LaunchSpec,
     ProviderError,
 )
-from tasks.sky_client import SkyClient
+from tasks.sky_client import SkyClient, SkyTimeout
 from tasks.sky_task import (
     ENGINE_PORT,
     LABEL_DEPLOYMENT,
@@ -71,6 +71,8 @@ def regions_tried(exc: BaseException) -> tuple[str, ...]:
 def map_error(exc: BaseException, what: str) -> ProviderError:
     from sky import exceptions as sky_exc
 
+    if isinstance(exc, ProviderError):  # already ours (e.g. a SkyTimeout from the client)
+        return exc
     if isinstance(exc, sky_exc.ResourcesUnavailableError):
         tried = regions_tried(exc)
         where = f" (tried: {', '.join(tried)})" if tried else ""
@@ -90,15 +92,6 @@ def _is_missing(exc: BaseException) -> bool:
     from sky import exceptions as sky_exc
 
     return isinstance(exc, sky_exc.ClusterDoesNotExist)
-
-
-def _hourly_price(handle: Any) -> float | None:
-    """The cluster's price per hour from SkyPilot's catalog (None if it cannot say)."""
-    resources = getattr(handle, "launched_resources", None)
-    try:
-        return float(resources.get_cost(3600)) if resources is not None else None
-    except Exception:  # no instance type / region resolved: the gateway's price table applies
-        return None
 
 
 def _launched_accelerators(handle: Any) -> dict[str, int]:
@@ -130,13 +123,14 @@ class SkyPilotProvider:
         )
         log.info("cluster %s for %s: launch submitted (request %s)", name, spec.model, request_id)
         try:
-            job_id, handle = await self.client.get(request_id)
+            job_id, handle = await self.client.wait_launch(request_id)
         except asyncio.CancelledError:
             await self._abandon(name, request_id)
             raise
         except Exception as exc:
             mapped = map_error(exc, f"launch of {name} for {spec.model}")
-            await self._abandon(name, None)  # never leave a half-made cluster billing
+            # Never leave a half-made cluster billing; a request that timed out may still run.
+            await self._abandon(name, request_id if isinstance(exc, SkyTimeout) else None)
             raise mapped from exc
         return ClusterRef(
             provider=self.name,
@@ -147,7 +141,7 @@ class SkyPilotProvider:
                 "model": spec.model,
                 "job_id": job_id,
                 "accelerators": _launched_accelerators(handle),
-                "hourly_price": _hourly_price(handle),
+                "hourly_price": await self._price(handle),
             },
         )
 
@@ -272,6 +266,13 @@ class SkyPilotProvider:
             status = statuses.get(job_id)
             if status is not None and status.is_terminal():
                 raise EngineExited(f"vLLM job {job_id} on {ref.name} ended: {status.value}")
+
+    async def _price(self, handle: Any) -> float | None:
+        try:
+            return await self.client.hourly_price(getattr(handle, "launched_resources", None))
+        except ProviderError as exc:  # the gateway's price table applies
+            log.warning("no catalog price: %s", exc)
+            return None
 
     async def _abandon(self, name: str, request_id: str | None) -> None:
         """Cancel a launch request (if still running) and down whatever it created."""

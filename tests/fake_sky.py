@@ -18,6 +18,8 @@ from sky.schemas.api.responses import StatusResponse
 from sky.skylet.job_lib import JobStatus
 from sky.utils.status_lib import ClusterStatus
 
+from tasks.sky_client import hourly_price
+
 
 @dataclass
 class FakeCluster:
@@ -70,7 +72,7 @@ class FakeSkyClient:
         self._requests[request_id] = (cluster_name, task)
         return request_id
 
-    async def get(self, request_id: str) -> Any:
+    async def wait_launch(self, request_id: str) -> tuple[int | None, Any]:
         name, task = self._requests[request_id]
         if self.launch_gate is not None:
             await self.launch_gate.wait()
@@ -87,6 +89,9 @@ class FakeSkyClient:
             jobs={1: JobStatus.RUNNING},
         )
         return 1, SimpleNamespace(launched_resources=resources)
+
+    async def hourly_price(self, resources: Any) -> float | None:
+        return hourly_price(resources)
 
     async def api_cancel(self, request_id: str) -> None:
         self.calls.append(("api_cancel", request_id))

@@ -77,6 +77,21 @@ class SkyPilotSettings(BaseModel):
     )
     job_check_seconds: float = Field(15.0, gt=0, description="Job status poll while an engine loads.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every cluster.")
+    sdk_long_threads: int = Field(
+        64,
+        ge=1,
+        description="Threads for SkyPilot's long waits (a launch or down each): concurrent cold starts.",
+    )
+    sdk_short_threads: int = Field(
+        8, ge=1, description="Threads for short SkyPilot calls (status, heartbeats)."
+    )
+    call_timeout_seconds: float = Field(60.0, gt=0, description="Timeout of a short SkyPilot call.")
+    launch_timeout_seconds: float = Field(
+        1800.0,
+        gt=0,
+        description="Timeout of a launch (provisioning and setup); it is then cancelled and downed.",
+    )
+    down_timeout_seconds: float = Field(900.0, gt=0, description="Timeout of a `down` or an `exec` (swap).")
 
 
 class ScheduleSettings(BaseModel):
