@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.engine_env import engine_environment
 from tasks.health import is_healthy, wait_healthy
 from tasks.procs import group_members, is_our_group, signal_group, start_time
 from tasks.provider import (
@@ -51,6 +52,9 @@ class LocalConfig:
     log_dir: Path
     stop_grace_seconds: float = 10.0
     env: Mapping[str, str] = field(default_factory=dict)
+    # Names or patterns (fnmatch) of the gateway's environment the engines get beyond the
+    # allowlist of tasks.engine_env, e.g. AWS_* for a weight store in S3.
+    env_passthrough: tuple[str, ...] = ()
 
 
 def slug(model: str) -> str:
@@ -223,14 +227,14 @@ class LocalProvider:
         # A private, short TMPDIR: vLLM puts its IPC sockets there and their paths must stay
         # under 108 bytes, so it cannot live below a deep data directory.
         tmp_dir = tempfile.mkdtemp(prefix=f"llmgw-{spec.deployment_id}-")
-        env = {
-            **os.environ,
-            "VLLM_NO_USAGE_STATS": "1",
-            "TMPDIR": tmp_dir,
-            **self.config.env,
-            "CUDA_VISIBLE_DEVICES": ",".join(slots),
-            **spec.secrets,
-        }
+        env = engine_environment(
+            os.environ,
+            passthrough=self.config.env_passthrough,
+            defaults={"TMPDIR": tmp_dir},
+            configured=self.config.env,
+            forced={"CUDA_VISIBLE_DEVICES": ",".join(slots)},
+            secrets=spec.secrets,
+        )
         log.info(
             "starting engine %s for %s on GPUs [%s]: %s", name, spec.model, ",".join(slots), shlex.join(argv)
         )

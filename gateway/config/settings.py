@@ -55,6 +55,12 @@ class LocalSettings(BaseModel):
     )
     stop_grace_seconds: float = Field(10.0, gt=0, description="SIGTERM, then SIGKILL after this long.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for engines.")
+    env_passthrough: list[str] = Field(
+        default_factory=list,
+        description="Names or patterns (AWS_*) of the gateway's environment that engines get beyond the "
+        "allowlist (PATH, HOME, LANG, LC_*, VLLM_*, HF_* but no tokens or keys); LLMGW_* and cloud "
+        "credentials pass only when listed here.",
+    )
 
     def resolved_gpu_ids(self) -> list[str]:
         return self.gpu_ids if self.gpu_ids is not None else detect_gpu_ids()

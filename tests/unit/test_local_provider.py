@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -139,3 +141,60 @@ async def test_a_recycled_pid_is_never_killed(tmp_path: Path) -> None:
         assert group_members(ref.data["pgid"]) != []
     finally:
         await p.stop(ref)
+
+
+async def _environment_of_engine(tmp_path: Path, **config: object) -> dict[str, str]:
+    """Start a real engine command that prints its environment, and read it back from its log."""
+    p = LocalProvider(
+        LocalConfig(
+            engine_command="/bin/sh -c 'env; exec sleep 60'",
+            gpu_ids=("0",),
+            log_dir=tmp_path / "engines",
+            **config,  # type: ignore[arg-type]
+        )
+    )
+    ref = await p.launch(spec())
+    try:
+        log = Path(ref.data["log"])
+        for _ in range(100):
+            if "PATH=" in log.read_text():
+                break
+            await asyncio.sleep(0.05)
+        lines = log.read_text().splitlines()
+        return dict(line.split("=", 1) for line in lines if "=" in line)
+    finally:
+        await p.stop(ref)
+
+
+async def test_engines_get_an_allowlisted_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMGW_ADMIN_TOKEN", "admin-secret")
+    monkeypatch.setenv("LLMGW_HF_TOKEN", "hf_gateway")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/etc/gcp.json")
+    monkeypatch.setenv("HF_TOKEN", "hf_from_the_shell")
+    monkeypatch.setenv("HF_HOME", "/models/hf")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    env = await _environment_of_engine(tmp_path, env={"VLLM_LOGGING_LEVEL": "DEBUG"})
+    leaked = {"LLMGW_ADMIN_TOKEN", "LLMGW_HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"}
+    assert not leaked & set(env) and "GOOGLE_APPLICATION_CREDENTIALS" not in env
+    assert "admin-secret" not in str(env) and "aws-secret" not in str(env)
+    assert env["HF_TOKEN"] == "hf_x"  # the model's secret, not the shell's token
+    assert env["HF_HOME"] == "/models/hf" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert env["LC_ALL"] == "C.UTF-8" and env["PATH"] == os.environ["PATH"]
+    assert env["VLLM_LOGGING_LEVEL"] == "DEBUG" and env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert env["TMPDIR"].startswith(tempfile.gettempdir())
+
+
+async def test_the_operator_can_pass_credentials_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("LLMGW_ADMIN_TOKEN", "admin-secret")
+    env = await _environment_of_engine(tmp_path, env_passthrough=("AWS_*",))
+    assert env["AWS_SECRET_ACCESS_KEY"] == "aws-secret" and env["AWS_REGION"] == "us-east-1"
+    assert "LLMGW_ADMIN_TOKEN" not in env
