@@ -75,6 +75,10 @@ class SkyClient(Protocol):
         """`resources`' price per hour from SkyPilot's catalog (None if it cannot say)."""
         ...
 
+    def close(self) -> None:
+        """Stop taking calls (the gateway is shutting down)."""
+        ...
+
 
 def hourly_price(resources: Any) -> float | None:
     """Blocking: reads (and on first use may fetch) the catalog on this host."""

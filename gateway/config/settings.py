@@ -19,7 +19,7 @@ DEFAULT_DATA_DIR = Path("data")
 # vLLM's OpenAI server; placeholders are filled per engine (see tasks.local.render_command).
 DEFAULT_ENGINE_COMMAND = (
     ".venv-engine/bin/vllm serve {model} --served-model-name {served_name} "
-    "--host {host} --port {port} --tensor-parallel-size {gpus} {engine_args}"
+    "--uds {socket} --tensor-parallel-size {gpus} {engine_args}"
 )
 
 
@@ -46,8 +46,9 @@ class LocalSettings(BaseModel):
     engine_command: str = Field(
         DEFAULT_ENGINE_COMMAND,
         description="Engine command template. Placeholders: {model} (local path or model id), "
-        "{served_name}, {host}, {port}, {gpus}, {max_model_len}; the word {engine_args} expands "
-        "to the model's engine_args.",
+        "{served_name}, {socket} (a Unix socket in the engine's private directory: the engine should "
+        "listen there, behind its nginx front), or {host} and {port} (a private TCP address instead), "
+        "{gpus}, {max_model_len}; the word {engine_args} expands to the model's engine_args.",
     )
     gpu_ids: list[str] | None = Field(
         None,

@@ -115,7 +115,9 @@ async def test_a_launch_that_times_out_is_cancelled_and_downed() -> None:
     provider = SkyPilotProvider(sky, SkyPilotConfig(task=SkyTaskConfig(default_accelerators=("A10G",))))
     try:
         with pytest.raises(ProviderError, match="launch did not finish within"):
-            await provider.launch(LaunchSpec(deployment_id="d1", model="org/m"))
+            await provider.launch(
+                LaunchSpec(deployment_id="d1", model="org/m", engine_key="k" * 64, instance_id="i1")
+            )
         assert sdk.cancelled == ["launch-0"]  # the request still ran on the API server
         assert len(sdk.downs) == 1 and sdk.downs[0].startswith("llmgw-org-m-")
     finally:
