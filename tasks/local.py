@@ -32,7 +32,7 @@ from pathlib import Path
 from tasks import front
 from tasks.engine_env import engine_environment
 from tasks.health import is_healthy, wait_healthy
-from tasks.procs import group_members, is_our_group, signal_group, start_time
+from tasks.procs import group_members, is_our_group, marked_leaders, signal_group, start_time
 from tasks.provider import (
     CapacityError,
     ClusterInfo,
@@ -52,6 +52,9 @@ STOP_POLL_SECONDS = 0.1
 # Lines of the engine log kept for admins when an engine exits during start-up.
 LOG_TAIL_LINES = 20
 SOCKET_NAME = "engine.sock"
+# In every engine's environment: `<instance id>/<deployment id>`, so that a later gateway process
+# finds the engines an earlier one lost track of (it crashed, or its store row is terminal).
+MARKER = "LLMGW_ENGINE_OF"
 
 
 @dataclass(frozen=True)
@@ -253,13 +256,20 @@ class LocalProvider:
             shutil.rmtree(str(ref.data["tmp_dir"]), ignore_errors=True)
 
     async def list(self, instance_id: str | None = None) -> list[ClusterInfo]:
-        """This process's engines (all of this installation's that are known)."""
+        """This process's engines, and with `instance_id` also the engines of this installation
+        that an earlier gateway process left running (found by their marker)."""
         infos = []
         for engine in self._engines.values():
             if engine.ref is None:
                 continue
             status = "stopping" if engine.stopping else "exited" if engine.gone() else "running"
             infos.append(ClusterInfo(ref=engine.ref, status=status, model=engine.ref.data.get("model")))
+        if instance_id:
+            known = {int(info.ref.data["pgid"]) for info in infos}
+            for pid, marker in marked_leaders(MARKER).items():
+                owner, _, deployment_id = marker.partition("/")
+                if owner == instance_id and pid not in known:
+                    infos.append(ClusterInfo(ref=_orphan_ref(pid, deployment_id), status="running"))
         return infos
 
     # -- internals --------------------------------------------------------------------------
@@ -348,7 +358,10 @@ class LocalProvider:
             passthrough=self.config.env_passthrough,
             defaults={"TMPDIR": str(tmp_dir)},
             configured=self.config.env,
-            forced={"CUDA_VISIBLE_DEVICES": ",".join(engine.slots)},
+            forced={
+                "CUDA_VISIBLE_DEVICES": ",".join(engine.slots),
+                **({MARKER: f"{spec.instance_id}/{spec.deployment_id}"} if spec.instance_id else {}),
+            },
             secrets=spec.secrets,
         )
         with log_path.open("ab") as log_file:
@@ -407,6 +420,17 @@ def _check_alive(ref: ClusterRef, engine: _Engine | None) -> None:
             f"the front of the engine for {model} (deployment {dep}) failed to start",
             log_tail=_log_tail(tmp_dir / "error.log"),
         )
+
+
+def _orphan_ref(pid: int, deployment_id: str) -> ClusterRef:
+    """A handle on an engine found by its marker: enough to stop it (its group, checked by the
+    leader's start time), not to reach it."""
+    return ClusterRef(
+        provider=LocalProvider.name,
+        name=f"orphan-{deployment_id}-{pid}",
+        deployment_id=deployment_id,
+        data={"pid": pid, "pgid": pid, "start_time": start_time(pid)},
+    )
 
 
 def _group_of(ref: ClusterRef) -> tuple[int, int | None]:

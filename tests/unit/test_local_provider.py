@@ -104,6 +104,7 @@ async def test_gpu_slots_and_capacity(tmp_path: Path) -> None:
         with pytest.raises(CapacityError) as info:
             await p.launch(spec("b", gpus=2, dep="b"))
         assert "1 of 3 are free" in str(info.value) and info.value.tried == ("local",)
+        await asyncio.wait_for(p.wait_ready(a), 20)  # exec'd: /proc shows the engine's own environment
         env = Path(f"/proc/{a.data['pid']}/environ").read_bytes().split(b"\0")
         assert b"CUDA_VISIBLE_DEVICES=0,1" in env and b"HF_TOKEN=hf_x" in env
     finally:
@@ -340,3 +341,18 @@ async def test_a_stop_cut_short_keeps_the_engine_and_its_gpus(tmp_path: Path) ->
     p.config = dataclasses.replace(p.config, stop_grace_seconds=0.3)
     await asyncio.wait_for(p.stop(ref), 10)
     assert group_members(ref.data["pgid"]) == [] and p.free_slots() == ["0"] and await p.list() == []
+
+
+async def test_a_later_gateway_finds_and_stops_engines_an_earlier_one_lost(tmp_path: Path) -> None:
+    """Defect 17: the store may not know an engine (a crash, a FAILED row): its marker does."""
+    first = provider(tmp_path, "--children 1")
+    ref = await first.launch(dataclasses.replace(spec(), instance_id="inst-a"))
+    await asyncio.wait_for(first.wait_ready(ref), 20)
+    second = provider(tmp_path)  # a new gateway process: nothing in memory
+    assert await second.list() == []
+    assert await second.list("inst-b") == []  # another installation's engines are not ours
+    [orphan] = await second.list("inst-a")
+    assert orphan.ref.deployment_id == "d1" and orphan.ref.data["pgid"] == ref.data["pgid"]
+    await second.stop(orphan.ref)
+    assert group_members(ref.data["pgid"]) == [] and await second.list("inst-a") == []
+    await first.stop(ref)
