@@ -335,6 +335,8 @@ class SkyPilotProvider:
         minutes, to_down, status = int(record.autostop), bool(record.to_down), _status(record)
         if minutes >= 0 and to_down:
             return f"{record.name} ({status}): autodown after {minutes} min idle"
+        if status != "UP":  # SkyPilot arms it when the launch ends: if that launch died, it never will
+            return f"{record.name} ({status}): no autodown until its launch ends; reconcile must decide"
         try:
             await self.client.autostop(str(record.name), idle_minutes=self.config.failsafe_minutes)
         except Exception as exc:
