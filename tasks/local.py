@@ -42,6 +42,8 @@ from tasks.provider import (
     LaunchSpec,
     LoadingState,
     ProviderError,
+    engine_args,
+    weights,
 )
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ def render_command(
     expands to the model's extra engine flags; no shell ever sees the result. `{socket}` is
     the Unix socket the engine should listen on; `{host}`/`{port}` a private TCP address."""
     values = {
-        "model": spec.model_path or spec.model,
+        "model": weights(spec),
         "served_name": spec.model,
         "port": str(port),
         "host": ENGINE_HOST,
@@ -92,7 +94,7 @@ def render_command(
     argv: list[str] = []
     for word in shlex.split(template):
         if word == "{engine_args}":
-            argv.extend(spec.engine_args)
+            argv.extend(engine_args(spec))
         else:
             try:
                 argv.append(word.format(**values))

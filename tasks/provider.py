@@ -70,6 +70,22 @@ class LaunchSpec:
     instance_id: str = ""
 
 
+# vLLM flags that read the weights with the Run:ai streamer (from a weight store: s3://, gs://).
+STREAMER_ARGS = ("--load-format", "runai_streamer")
+
+
+def engine_args(spec: LaunchSpec) -> tuple[str, ...]:
+    """The model's engine flags, with the streamer's when its weights come from a store."""
+    if spec.weights_uri and "--load-format" not in spec.engine_args:
+        return (*spec.engine_args, *STREAMER_ARGS)
+    return spec.engine_args
+
+
+def weights(spec: LaunchSpec) -> str:
+    """What the engine loads: the store's copy, else local files, else the Hugging Face id."""
+    return spec.weights_uri or spec.model_path or spec.model
+
+
 @dataclass(frozen=True)
 class ClusterRef:
     """A provider's handle on a started engine.

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from tasks import front
-from tasks.provider import LaunchSpec
+from tasks.provider import LaunchSpec, engine_args, weights
 
 MANAGED_BY = "llm-gateway"
 LABEL_MANAGED_BY = "managed-by"
@@ -36,7 +36,6 @@ VLLM_PORT = 8001  # vLLM, on the node's loopback
 ENGINE_PORT = FRONT_PORT
 KEY_SECRET = "LLMGW_ENGINE_KEY"
 CACHE_MOUNT = "/llmgw-cache"  # the compile cache bucket, mounted on the node
-STREAMER_ARGS = ("--load-format", "runai_streamer")
 # SkyPilot cluster names: [a-zA-Z]([-_.a-zA-Z0-9]*[a-zA-Z0-9])?; clouds cut long names, keep it short.
 _SLUG_MAX = 30
 
@@ -135,13 +134,10 @@ def _resources(
 
 
 def _envs(spec: LaunchSpec, config: SkyTaskConfig) -> dict[str, str]:
-    args = spec.engine_args
-    if spec.weights_uri and "--load-format" not in args:
-        args = (*args, *STREAMER_ARGS)  # streamed from the bucket to the GPUs, nothing on disk
     envs = {
-        "MODEL_ID": spec.weights_uri or spec.model_path or spec.model,
+        "MODEL_ID": weights(spec),
         "SERVED_NAME": spec.model,
-        "ENGINE_ARGS": shlex.join(args),
+        "ENGINE_ARGS": shlex.join(engine_args(spec)),  # the streamer's with a weight store
         "VLLM_VERSION": config.vllm_version,
         "VLLM_INSTALL": "none" if config.image else config.install,
         "VLLM_EXTRAS": "runai" if spec.weights_uri else "",

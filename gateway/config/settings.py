@@ -99,6 +99,29 @@ class SkyPilotSettings(BaseModel):
         description="Timeout of a launch (provisioning and setup); it is then cancelled and downed.",
     )
     down_timeout_seconds: float = Field(900.0, gt=0, description="Timeout of a `down` or an `exec` (swap).")
+    cold_start_timeout_seconds: float = Field(
+        1800.0, gt=0, description="Cold-start timeout of SkyPilot engines (the top-level one applies locally)."
+    )
+    network: Literal["public", "private"] = Field(
+        "public",
+        description="public: the engine's front port is open to the internet (key-checked); private: no "
+        "port is opened and the gateway reaches the node's internal address (aws.use_internal_ips).",
+    )
+    install: Literal["pip", "uv"] = Field("pip", description="How setup installs vLLM when no image is set.")
+    disk_tier: Literal["low", "medium", "high", "ultra", "best"] | None = Field(
+        None, description="Disk tier of the nodes (high: faster weight loads); default SkyPilot's."
+    )
+    weight_store: str | None = Field(
+        None,
+        description="s3:// or gs:// prefix where each model's files are under its id; read with vLLM's "
+        "Run:ai streamer instead of a Hugging Face download. A model's own weights_uri wins.",
+    )
+    cache_uri: str | None = Field(
+        None, description="Bucket mounted cached on the node for vLLM's compile cache (VLLM_CACHE_ROOT)."
+    )
+    release_wait_seconds: int = Field(
+        180, ge=0, description="After a swap, how long the new engine waits for the old one's ports and GPUs."
+    )
 
 
 class ScheduleSettings(BaseModel):
