@@ -100,7 +100,9 @@ class SkyPilotSettings(BaseModel):
     )
     down_timeout_seconds: float = Field(900.0, gt=0, description="Timeout of a `down` or an `exec` (swap).")
     cold_start_timeout_seconds: float = Field(
-        1800.0, gt=0, description="Cold-start timeout of SkyPilot engines (the top-level one applies locally)."
+        1800.0,
+        gt=0,
+        description="Cold-start timeout of SkyPilot engines (the top-level one applies locally).",
     )
     network: Literal["public", "private"] = Field(
         "public",
