@@ -48,6 +48,13 @@ else
   log "vllm already installed"
 fi
 
+# vLLM's Run:ai streamer, for weights read from a weight store (s3://): `--load-format runai_streamer`.
+if [ ! -f "$(stamp runai)" ]; then
+  log "installing the Run:ai model streamer (S3)"
+  "$PIP" install --quiet "runai-model-streamer[s3]==0.17.0"
+  touch "$(stamp runai)"
+fi
+
 if [ ! -f "$MODEL_DIR/.complete" ]; then
   log "building the tiny model in $MODEL_DIR"
   "$PY" "$ROOT/scripts/build_tiny_model.py" --out "$MODEL_DIR"

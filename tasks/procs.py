@@ -54,3 +54,25 @@ def is_our_group(pgid: int, leader_start_time: int | None) -> bool:
         return False
     current = start_time(pgid)
     return current is None or leader_start_time is None or current == leader_start_time
+
+
+def marked_leaders(name: str) -> dict[int, str]:
+    """Live process-group leaders whose environment has `name`: pid → its value. Reads only
+    what /proc lets this user read (its own processes, or all of them as root)."""
+    needle = f"{name}=".encode()
+    found = {}
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        fields = _stat_fields(pid)
+        if not fields or fields[0] == "Z" or int(fields[2]) != pid:
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in environ:
+            if item.startswith(needle):
+                found[pid] = item[len(needle) :].decode(errors="replace")
+    return found

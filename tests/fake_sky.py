@@ -14,9 +14,12 @@ from types import SimpleNamespace
 from typing import Any
 
 from sky import exceptions as sky_exc
-from sky.schemas.api.responses import StatusResponse
+from sky.schemas.api.responses import APIHealthResponse, StatusResponse
+from sky.server.common import ApiServerStatus
 from sky.skylet.job_lib import JobStatus
 from sky.utils.status_lib import ClusterStatus
+
+from tasks.sky_client import hourly_price
 
 
 @dataclass
@@ -27,14 +30,18 @@ class FakeCluster:
     endpoint: str
     jobs: dict[int, JobStatus] = field(default_factory=dict)
     status: ClusterStatus = ClusterStatus.UP
+    autostop: int = 30  # minutes; -1: off
+    to_down: bool = True
+    head_ip: str = "127.0.0.1"
 
     def record(self) -> StatusResponse:
         return StatusResponse(
             name=self.name,
             launched_at=1_700_000_000,
+            handle=SimpleNamespace(launched_resources=self.resources, head_ip=self.head_ip),
             status=self.status,
-            autostop=30,
-            to_down=True,
+            autostop=self.autostop,
+            to_down=self.to_down,
             cluster_hash="h",
             cluster_ever_up=True,
             user_hash="u",
@@ -49,6 +56,8 @@ class FakeCluster:
 @dataclass
 class FakeSkyClient:
     endpoint: str = "127.0.0.1:9"
+    api_version: str = "62"
+    endpoint_misses: int = 0  # endpoints() answers {} this many times first (a k8s LoadBalancer)
     launch_error: Exception | None = None
     launch_gate: asyncio.Event | None = None  # a launch's get() waits for it when set
     clusters: dict[str, FakeCluster] = field(default_factory=dict)
@@ -56,6 +65,7 @@ class FakeSkyClient:
     tasks: list[Any] = field(default_factory=list)
     _requests: dict[str, tuple[str, Any]] = field(default_factory=dict)
     _cancelled: set[str] = field(default_factory=set)
+    _autostop: dict[str, int] = field(default_factory=dict)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
     def _cluster(self, name: str) -> FakeCluster:
@@ -68,9 +78,10 @@ class FakeSkyClient:
         self.tasks.append(task)
         request_id = f"req-{next(self._ids)}"
         self._requests[request_id] = (cluster_name, task)
+        self._autostop[request_id] = idle_minutes_to_autostop
         return request_id
 
-    async def get(self, request_id: str) -> Any:
+    async def wait_launch(self, request_id: str) -> tuple[int | None, Any]:
         name, task = self._requests[request_id]
         if self.launch_gate is not None:
             await self.launch_gate.wait()
@@ -85,8 +96,20 @@ class FakeSkyClient:
             resources=resources,
             endpoint=self.endpoint,
             jobs={1: JobStatus.RUNNING},
+            autostop=self._autostop.pop(request_id),
         )
         return 1, SimpleNamespace(launched_resources=resources)
+
+    async def hourly_price(self, resources: Any) -> float | None:
+        return hourly_price(resources)
+
+    async def api_info(self) -> APIHealthResponse:
+        return APIHealthResponse(
+            status=ApiServerStatus.HEALTHY, api_version=self.api_version, version="0.14.1", commit="c"
+        )
+
+    def close(self) -> None:
+        self.calls.append(("close",))
 
     async def api_cancel(self, request_id: str) -> None:
         self.calls.append(("api_cancel", request_id))
@@ -98,7 +121,12 @@ class FakeSkyClient:
         ]
 
     async def endpoints(self, cluster_name: str, port: int) -> dict[int, str]:
-        return {port: self._cluster(cluster_name).endpoint}
+        cluster = self._cluster(cluster_name)
+        self.calls.append(("endpoints", cluster_name, port))
+        if self.endpoint_misses > 0:
+            self.endpoint_misses -= 1
+            return {}
+        return {port: cluster.endpoint}
 
     async def job_status(self, cluster_name: str, job_ids: list[int]) -> dict[int, Any]:
         jobs = self._cluster(cluster_name).jobs
@@ -119,8 +147,9 @@ class FakeSkyClient:
             cluster.jobs[job] = JobStatus.CANCELLED
 
     async def autostop(self, cluster_name: str, *, idle_minutes: int) -> None:
-        self._cluster(cluster_name)
+        cluster = self._cluster(cluster_name)
         self.calls.append(("autostop", cluster_name, idle_minutes))
+        cluster.autostop, cluster.to_down = idle_minutes, True
 
     async def down(self, cluster_name: str) -> None:
         self.calls.append(("down", cluster_name))

@@ -9,7 +9,15 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.provider import CapacityError, ClusterInfo, ClusterRef, Endpoint, LaunchSpec, ProviderError
+from tasks.provider import (
+    CapacityError,
+    ClusterInfo,
+    ClusterRef,
+    Endpoint,
+    LaunchSpec,
+    LoadingState,
+    ProviderError,
+)
 
 
 @dataclass
@@ -80,6 +88,17 @@ class FakeProvider:
             Endpoint(base_url=self.endpoint) if ref.deployment_id in self.running and self.healthy else None
         )
 
+    async def probe_loading(self, ref: ClusterRef) -> LoadingState:
+        if ref.deployment_id not in self.running:
+            return "dead"
+        return "ready" if self.healthy else "loading"
+
+    async def check_failsafe(self, instance_id: str | None = None) -> list[str]:
+        return []
+
+    async def close(self) -> None:
+        return None
+
     async def heartbeat(self, ref: ClusterRef) -> None:
         self.heartbeats.append(ref)
 
@@ -88,7 +107,7 @@ class FakeProvider:
         await asyncio.sleep(self.stop_delay)
         self.running.pop(ref.deployment_id, None)
 
-    async def list(self) -> list[ClusterInfo]:
+    async def list(self, instance_id: str | None = None) -> list[ClusterInfo]:
         return [
             ClusterInfo(ref=ref, status="running", model=ref.data.get("model"))
             for ref in self.running.values()

@@ -1,8 +1,8 @@
 """A small OpenAI-compatible server standing in for vLLM in unit, API and benchmark runs.
 
 Usable in-process (`make_app`, `serve_in_thread`) or as an engine command for LocalProvider:
-    python tests/stub_upstream.py --port N --served-name M [--ready-after S] [--children K]
-                                  [--ignore-term] [--exit-after S]
+    python tests/stub_upstream.py (--port N | --uds PATH) --served-name M [--ready-after S]
+                                  [--children K] [--ignore-term] [--exit-after S]
 """
 
 from __future__ import annotations
@@ -133,12 +133,18 @@ def make_app(
     async def embeddings(request: Request) -> Response:
         return await generate(request, "embedding")
 
+    async def models(_: Request) -> Response:
+        names = [served_name] if served_name is not None else []
+        return JSONResponse({"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
+
     app = Starlette(
         routes=[
             Route("/health", health),
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/models", models),
+            Route("/invocations", chat, methods=["POST"]),  # open on vLLM without a front
         ]
     )
     app.state.counters = state
@@ -172,7 +178,9 @@ def serve_in_thread(app: Any) -> Iterator[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int)
+    where.add_argument("--uds", help="listen on this Unix socket instead, like `vllm serve --uds`")
     parser.add_argument("--served-name")
     parser.add_argument("--ready-after", type=float, default=0.0)
     parser.add_argument("--children", type=int, default=0, help="extra processes in the group, like vLLM's")
@@ -194,11 +202,13 @@ def main() -> None:
         subprocess.Popen(child_cmd)
     if args.exit_after is not None:
         time.sleep(args.exit_after)
+        print("stub: exiting with code 3 as asked", file=sys.stderr, flush=True)
         sys.exit(3)
     uvicorn.run(
         make_app(args.served_name, ready_after=args.ready_after, chunk_delay=args.chunk_delay),
         host="127.0.0.1",
-        port=args.port,
+        port=args.port or 8000,
+        uds=args.uds,
         log_level="warning",
     )
 

@@ -40,6 +40,9 @@ class ModelSpec(BaseModel):
     engine_args: Annotated[tuple[str, ...], BeforeValidator(_split_args)] = ()
     kind: Literal["chat", "completion", "embedding"] = "chat"
     path: str | None = None
+    # The model's files in a weight store (s3://bucket/prefix/, gs://...), streamed to the GPUs by
+    # vLLM's Run:ai streamer instead of a download from Hugging Face.
+    weights_uri: str | None = Field(None, pattern=r"^(s3|gs)://[^/\s]+(/\S*)?$")
     max_model_len: int | None = Field(None, ge=1)
     endpoint: str | None = None
 

@@ -19,7 +19,7 @@ DEFAULT_DATA_DIR = Path("data")
 # vLLM's OpenAI server; placeholders are filled per engine (see tasks.local.render_command).
 DEFAULT_ENGINE_COMMAND = (
     ".venv-engine/bin/vllm serve {model} --served-model-name {served_name} "
-    "--host {host} --port {port} --tensor-parallel-size {gpus} {engine_args}"
+    "--uds {socket} --tensor-parallel-size {gpus} {engine_args}"
 )
 
 
@@ -46,8 +46,9 @@ class LocalSettings(BaseModel):
     engine_command: str = Field(
         DEFAULT_ENGINE_COMMAND,
         description="Engine command template. Placeholders: {model} (local path or model id), "
-        "{served_name}, {host}, {port}, {gpus}, {max_model_len}; the word {engine_args} expands "
-        "to the model's engine_args.",
+        "{served_name}, {socket} (a Unix socket in the engine's private directory: the engine should "
+        "listen there, behind its nginx front), or {host} and {port} (a private TCP address instead), "
+        "{gpus}, {max_model_len}; the word {engine_args} expands to the model's engine_args.",
     )
     gpu_ids: list[str] | None = Field(
         None,
@@ -55,6 +56,12 @@ class LocalSettings(BaseModel):
     )
     stop_grace_seconds: float = Field(10.0, gt=0, description="SIGTERM, then SIGKILL after this long.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for engines.")
+    env_passthrough: list[str] = Field(
+        default_factory=list,
+        description="Names or patterns (AWS_*) of the gateway's environment that engines get beyond the "
+        "allowlist (PATH, HOME, LANG, LC_*, VLLM_*, HF_* but no tokens or keys); LLMGW_* and cloud "
+        "credentials pass only when listed here.",
+    )
 
     def resolved_gpu_ids(self) -> list[str]:
         return self.gpu_ids if self.gpu_ids is not None else detect_gpu_ids()
@@ -77,6 +84,46 @@ class SkyPilotSettings(BaseModel):
     )
     job_check_seconds: float = Field(15.0, gt=0, description="Job status poll while an engine loads.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on every cluster.")
+    sdk_long_threads: int = Field(
+        64,
+        ge=1,
+        description="Threads for SkyPilot's long waits (a launch or down each): concurrent cold starts.",
+    )
+    sdk_short_threads: int = Field(
+        8, ge=1, description="Threads for short SkyPilot calls (status, heartbeats)."
+    )
+    call_timeout_seconds: float = Field(60.0, gt=0, description="Timeout of a short SkyPilot call.")
+    launch_timeout_seconds: float = Field(
+        1800.0,
+        gt=0,
+        description="Timeout of a launch (provisioning and setup); it is then cancelled and downed.",
+    )
+    down_timeout_seconds: float = Field(900.0, gt=0, description="Timeout of a `down` or an `exec` (swap).")
+    cold_start_timeout_seconds: float = Field(
+        1800.0,
+        gt=0,
+        description="Cold-start timeout of SkyPilot engines (the top-level one applies locally).",
+    )
+    network: Literal["public", "private"] = Field(
+        "public",
+        description="public: the engine's front port is open to the internet (key-checked); private: no "
+        "port is opened and the gateway reaches the node's internal address (aws.use_internal_ips).",
+    )
+    install: Literal["pip", "uv"] = Field("pip", description="How setup installs vLLM when no image is set.")
+    disk_tier: Literal["low", "medium", "high", "ultra", "best"] | None = Field(
+        None, description="Disk tier of the nodes (high: faster weight loads); default SkyPilot's."
+    )
+    weight_store: str | None = Field(
+        None,
+        description="s3:// or gs:// prefix where each model's files are under its id; read with vLLM's "
+        "Run:ai streamer instead of a Hugging Face download. A model's own weights_uri wins.",
+    )
+    cache_uri: str | None = Field(
+        None, description="Bucket mounted cached on the node for vLLM's compile cache (VLLM_CACHE_ROOT)."
+    )
+    release_wait_seconds: int = Field(
+        180, ge=0, description="After a swap, how long the new engine waits for the old one's ports and GPUs."
+    )
 
 
 class ScheduleSettings(BaseModel):

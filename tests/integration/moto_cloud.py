@@ -116,3 +116,12 @@ def instances(region: str, *, include_terminated: bool = True) -> list[dict[str,
             if include_terminated or instance["State"]["Name"] != "terminated":
                 found.append(instance)
     return found
+
+
+def make_buckets(region: str, names: list[str]) -> None:
+    """Buckets in moto's S3: the weight store and the compile cache a render mounts."""
+    import boto3
+
+    s3 = boto3.client("s3", region_name=region)
+    for name in names:
+        s3.create_bucket(Bucket=name)

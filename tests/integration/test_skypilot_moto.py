@@ -1,8 +1,9 @@
-"""SkyPilotProvider through a real SkyPilot API server against a moto EC2, offline.
+"""SkyPilotProvider through a real SkyPilot API server against a moto EC2 and S3, offline.
 
 Everything runs in a network namespace with loopback only (`unshare -n`, needs root, as in CI):
 moto on 127.0.0.1, a real `sky api start`, real launches that create EC2 instances in moto.
-The instance never reaches UP (there is no SSH), so the launch is cancelled once it exists.
+The instances never reach UP (there is no SSH), so every launch is cancelled once it exists;
+what needs UP (endpoints, jobs, a swap that runs) is not proven here.
 """
 
 from __future__ import annotations
@@ -104,10 +105,46 @@ def test_region_without_internet_gateway_is_a_capacity_error(observed: dict) -> 
     assert a["instances_left"] == []
 
 
+def test_every_render_passes_the_servers_validation_and_optimizer(observed: dict) -> None:
+    assert observed["dry_runs"] == {
+        name: "ok"
+        for name in ["pip_labels", "image", "uv_disk_tier_spot", "weight_store", "private", "exec_pin"]
+    }
+    assert observed["dry_run_instances"] == 0  # a dry run provisions nothing
+
+
+def test_pricing_from_the_catalog_on_real_resources(observed: dict) -> None:
+    assert observed["price_g5_xlarge"] == 1.006
+    [listed] = observed["b"]["listed"]  # the launched handle's resources, as list() builds refs
+    assert listed["hourly_price"] == 1.006 and listed["accelerators"] == {"A10G": 1}
+
+
+def test_calls_on_a_cluster_that_is_not_up_map_to_provider_errors(observed: dict) -> None:
+    calls = observed["b"]["init_calls"]
+    assert calls["probe"] == "None"
+    assert (
+        calls["heartbeat"]["error"] == "ProviderError"
+        and "ClusterNotUpError" in calls["heartbeat"]["message"]
+    )
+    assert (
+        calls["endpoint"]["error"] == "ProviderError" and "ClusterNotUpError" in calls["endpoint"]["message"]
+    )
+    assert calls["probe_loading"] == {"returned": "'dead'"}
+    # exec waits for the lock the launch holds: the client's timeout ends it as ours.
+    assert calls["swap"] == {"error": "SkyTimeout", "message": "SkyPilot exec did not finish within 5s"}
+
+
+def test_failsafe_check_reads_the_servers_version_and_each_cluster(observed: dict) -> None:
+    first, *clusters = observed["b"]["failsafe"]
+    assert first.startswith("SkyPilot API server 0.14.1 (API version ")
+    [cluster] = clusters
+    assert "(INIT): no autodown until its launch ends" in cluster
+
+
 def test_launch_creates_an_instance_tagged_with_our_labels(observed: dict) -> None:
     b = observed["b"]
     tags = b["tags"]
-    assert tags["managed-by"] == "llm-gateway"
+    assert tags["managed-by"] == "llm-gateway" and tags["llmgw-instance"] == "itest0000001"
     assert tags["llmgw-model"] == "org-tiny-model"
     assert tags["llmgw-priority"] == "1"
     assert tags["llmgw-deployment"] == "dep12345"
@@ -121,6 +158,13 @@ def test_cancelled_launch_terminates_the_instance(observed: dict) -> None:
     c = observed["c"]
     assert c["state"] == "terminated"
     assert c["listed_after"] == []
+
+
+def test_reconcile_downs_this_installations_clusters_and_no_one_elses(observed: dict) -> None:
+    r = observed["reconcile"]
+    assert r["listed"] == ["known001", "unkn0002"] and r["statuses"] == ["INIT", "INIT"]
+    assert r["states"] == {"known001": "terminated", "unkn0002": "terminated", "stag0003": "running"}
+    assert r["staging_listed"] == ["stag0003"]  # the staging gateway sees its own
 
 
 def test_no_api_server_or_moto_is_left(observed: dict) -> None:

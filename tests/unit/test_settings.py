@@ -18,7 +18,7 @@ def test_defaults() -> None:
     )
     assert s.admin_token is None and not s.allow_unlisted_models
     assert s.resolved_database_url == "sqlite:///data/gateway.db"
-    assert "{port}" in s.local.engine_command and "{engine_args}" in s.local.engine_command
+    assert "{socket}" in s.local.engine_command and "{engine_args}" in s.local.engine_command
 
 
 def test_file_then_env_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
