@@ -40,6 +40,7 @@ def build_provider(settings: Settings) -> Provider:
                 log_dir=settings.data_dir / "engines",
                 stop_grace_seconds=settings.local.stop_grace_seconds,
                 env=settings.local.env,
+                env_passthrough=tuple(settings.local.env_passthrough),
             )
         )
     return build_skypilot_provider(settings)
@@ -47,7 +48,7 @@ def build_provider(settings: Settings) -> Provider:
 
 def build_skypilot_provider(settings: Settings) -> Provider:
     try:
-        from tasks.sky_client import SdkSkyClient
+        from tasks.sky_client import SdkSkyClient, SkyClientConfig
         from tasks.sky_task import SkyTaskConfig
         from tasks.skypilot import SkyPilotConfig, SkyPilotProvider
     except ImportError as exc:  # pragma: no cover - depends on the installation
@@ -56,7 +57,15 @@ def build_skypilot_provider(settings: Settings) -> Provider:
         ) from exc
     sky = settings.skypilot
     try:
-        client = SdkSkyClient()
+        client = SdkSkyClient(
+            SkyClientConfig(
+                long_threads=sky.sdk_long_threads,
+                short_threads=sky.sdk_short_threads,
+                call_timeout_seconds=sky.call_timeout_seconds,
+                launch_timeout_seconds=sky.launch_timeout_seconds,
+                long_timeout_seconds=sky.down_timeout_seconds,
+            )
+        )
     except ImportError as exc:
         raise ProviderUnavailable(
             f"provider 'skypilot' needs `pip install llm-gateway[skypilot]`: {exc}"
@@ -69,6 +78,11 @@ def build_skypilot_provider(settings: Settings) -> Provider:
         image=sky.image,
         infra=sky.infra,
         extra_labels=dict(sky.labels),
+        network=sky.network,
+        install=sky.install,
+        disk_tier=sky.disk_tier,
+        cache_uri=sky.cache_uri,
+        release_wait_seconds=sky.release_wait_seconds,
     )
     return SkyPilotProvider(
         client,
@@ -171,6 +185,7 @@ class Runtime:
             ModelRecord(id=s.id, gpus_per_replica=s.gpus_per_replica, priority=s.priority, kind=s.kind)
             for s in catalog.specs.values()
         )
+        await self._check_failsafe()
         await reconcile(self.controller, catalog, unknown=self.settings.reconcile_unknown)
         # Series that exist from the start: Prometheus' increase() ignores a series' first sample.
         for spec in catalog.specs.values():
@@ -179,6 +194,19 @@ class Runtime:
                     self.metrics.cold_start.labels(model=spec.id, phase=phase)
         self._tasks.append(self.reaper.start())
         log.info("gateway ready: %d models, provider %s", len(catalog.specs), self.provider.name)
+
+    async def _check_failsafe(self) -> None:
+        """Engines a dead gateway leaves must end by themselves (SkyPilot's autodown): checked,
+        and re-armed where off, before anything else touches them."""
+        controller = self.controller
+        try:
+            async with asyncio.timeout(self.settings.provider_call_timeout_seconds):
+                lines = await controller.provider.check_failsafe(controller.ctx.instance_id)
+        except Exception as exc:
+            log.error("failsafe check failed: %s", exc)
+            lines = [f"failsafe check failed: {exc}"]
+        for line in lines:
+            self.store.record_event(kind="failsafe", message=line, at=controller.clock())
 
     def _lease_lost(self) -> None:
         self.controller.abandon()  # stop acting at once; the new holder adopts the engines
@@ -195,7 +223,13 @@ class Runtime:
         if lease_task is not None:
             lease_task.cancel()
             await asyncio.gather(lease_task, return_exceptions=True)
-        for step in (self.lease.release, self.controller.flush_activity, self.usage.flush, self.proxy.close):
+        for step in (
+            self.lease.release,
+            self.controller.flush_activity,
+            self.usage.flush,
+            self.proxy.close,
+            self.provider.close,
+        ):
             await _guarded(step)
         self.store.close()
         log.info("gateway stopped")

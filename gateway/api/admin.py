@@ -191,7 +191,7 @@ async def info(settings: SettingsDep, catalog: CatalogDep, controller: Controlle
     description="The provider's view of its engines, like `sky status` for our clusters.",
 )
 async def clusters(controller: ControllerDep) -> list[ClusterOut]:
-    return cluster_rows(await controller.provider.list())
+    return cluster_rows(await controller.provider.list(controller.ctx.instance_id))
 
 
 @router.get(

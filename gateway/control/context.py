@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gateway.accounting.ledger import Ledger
 from gateway.accounting.metrics import Metrics
@@ -15,7 +15,7 @@ from gateway.config.reference import Catalog
 from gateway.config.settings import Settings
 from gateway.control.activity import Activity
 from state import Store
-from tasks.provider import Provider
+from tasks.provider import ClusterRef, Provider
 
 
 def new_deployment_id() -> str:
@@ -35,6 +35,17 @@ class ControlContext:
     new_id: Callable[[], str] = new_deployment_id
     instance_id: str = ""  # this installation's id (kept in the store): the label on its clusters
     secret: bytes = field(default=b"", repr=False)  # engine keys are derived from it
+
+    @property
+    def cold_start_timeout_seconds(self) -> float:
+        """Per provider: a cloud cold start (provisioning, setup, weights) takes far longer."""
+        if self.provider.name == "skypilot":
+            return self.settings.skypilot.cold_start_timeout_seconds
+        return self.settings.cold_start_timeout_seconds
+
+    def keyed(self, ref: ClusterRef) -> ClusterRef:
+        """A ref read back from the store, with the engine key it is not stored with."""
+        return replace(ref, engine_key=self.engine_key(ref.deployment_id))
 
     def engine_key(self, deployment_id: str) -> str:
         """The engine's API key: derived again from the gateway's secret after a restart, so the

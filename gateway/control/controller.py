@@ -297,7 +297,18 @@ class Controller:
             secrets=merged,
             engine_key=self.ctx.engine_key(deployment_id),
             instance_id=self.ctx.instance_id,
+            weights_uri=self._weights_uri(spec),
         )
+
+    def _weights_uri(self, spec: ModelSpec) -> str | None:
+        """Where the engine streams the weights from: the model's own store copy, else the
+        store prefix of the settings (SkyPilot), else nowhere (local files or Hugging Face)."""
+        if spec.weights_uri:
+            return spec.weights_uri
+        store = self.ctx.settings.skypilot.weight_store
+        if store and self.ctx.provider.name == "skypilot":
+            return f"{store.rstrip('/')}/{spec.id}"
+        return None
 
     # -- what runners ask of their owner ----------------------------------------------------
 
@@ -377,7 +388,7 @@ class Controller:
         timeout = self.ctx.settings.provider_call_timeout_seconds
         try:
             async with asyncio.timeout(timeout):
-                infos = await self.ctx.provider.list()
+                infos = await self.ctx.provider.list(self.ctx.instance_id)
         except Exception as exc:
             log.error("shutdown: cannot list the provider's engines: %s", exc)
             return
@@ -414,6 +425,7 @@ class Controller:
     ) -> DeploymentRunner:
         """Take back an engine an earlier gateway process left: serve it at once (`endpoint`
         known) or wait for it to finish loading."""
+        ref = self.ctx.keyed(ref)
         self._resume_ledger(dep.id, spec, ref)
         runner = DeploymentRunner(
             self.ctx,

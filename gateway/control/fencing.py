@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tasks.provider import ClusterInfo, ClusterRef, Endpoint, LaunchSpec, Provider, ProviderError
+from tasks.provider import (
+    ClusterInfo,
+    ClusterRef,
+    Endpoint,
+    LaunchSpec,
+    LoadingState,
+    Provider,
+    ProviderError,
+)
 
 
 class Fenced(ProviderError):
@@ -57,5 +65,15 @@ class FencedProvider:
     async def probe(self, ref: ClusterRef) -> Endpoint | None:
         return await self.inner.probe(ref)
 
-    async def list(self) -> list[ClusterInfo]:
-        return await self.inner.list()
+    async def probe_loading(self, ref: ClusterRef) -> LoadingState:
+        return await self.inner.probe_loading(ref)
+
+    async def check_failsafe(self, instance_id: str | None = None) -> list[str]:
+        self._check("failsafe check")  # it re-arms autodown where it is off
+        return await self.inner.check_failsafe(instance_id)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def list(self, instance_id: str | None = None) -> list[ClusterInfo]:
+        return await self.inner.list(instance_id)

@@ -53,7 +53,9 @@ async def _list(controller: Controller) -> dict[str, ClusterInfo] | None:
     for attempt in range(LIST_TRIES):
         try:
             async with asyncio.timeout(timeout):
-                return {info.ref.name: info for info in await controller.provider.list()}
+                return {
+                    info.ref.name: info for info in await controller.provider.list(controller.ctx.instance_id)
+                }
         except Exception as exc:
             log.error("reconcile: cannot list the provider's engines (try %d): %s", attempt + 1, exc)
             await asyncio.sleep(LIST_RETRY_SECONDS)
@@ -66,8 +68,9 @@ async def _known_engine(
     provider = controller.provider
     spec = catalog.resolve(dep.model)
     if provider.adopt_on_restart and spec is not None and dep.state in _ADOPTABLE and not vanished:
+        ref = controller.ctx.keyed(ref)
         endpoint = await _probe(controller, ref)
-        if endpoint is not None or dep.state == DeploymentState.LOADING.value:
+        if endpoint is not None or await _still_loading(controller, dep, ref):
             # A runner owns it from here: it serves at once, or waits for it to finish loading
             # within the cold-start timeout (and stops it if it never becomes ready).
             state = "healthy" if endpoint is not None else "loading"
@@ -97,6 +100,19 @@ async def _known_engine(
         runner.request_stop(StopRequest("reconciled", f"{message}; stop retried", drain=False))
         return
     controller.close_stale(dep, f"{message}; {ref.name} was stopped")
+
+
+async def _still_loading(controller: Controller, dep: Deployment, ref: ClusterRef) -> bool:
+    """A deployment left loading whose engine still starts (audit B6): its cold start is not
+    thrown away. When the provider cannot tell, it is given the benefit of the doubt: the
+    runner's cold-start timeout bounds the wait."""
+    if dep.state != DeploymentState.LOADING.value:
+        return False
+    try:
+        async with asyncio.timeout(controller.settings.provider_call_timeout_seconds):
+            return await controller.provider.probe_loading(ref) != "dead"
+    except Exception:
+        return True
 
 
 async def _probe(controller: Controller, ref: ClusterRef) -> Endpoint | None:

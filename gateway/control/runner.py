@@ -27,7 +27,7 @@ from gateway.config.reference import ModelSpec
 from gateway.control.context import ControlContext
 from gateway.control.fleet import Route, ref_json
 from state import ALLOWED, DeploymentState
-from tasks.provider import CapacityError, ClusterRef, Endpoint, LaunchSpec, ProviderError
+from tasks.provider import CapacityError, ClusterRef, Endpoint, EngineGone, LaunchSpec, ProviderError
 
 log = logging.getLogger(__name__)
 S = DeploymentState
@@ -240,7 +240,7 @@ class DeploymentRunner:
         if self.endpoint is not None:  # adopted healthy: ready already
             return
         op = self._op = asyncio.create_task(self._bring_up(), name=f"start {self.id}")
-        timeout = self.ctx.settings.cold_start_timeout_seconds
+        timeout = self.ctx.cold_start_timeout_seconds
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.wait({op})
@@ -411,6 +411,8 @@ class DeploymentRunner:
                 async with asyncio.timeout(self.ctx.settings.provider_call_timeout_seconds):
                     await self.ctx.provider.heartbeat(self.ref)
             self.last_beat = now
+        except EngineGone as exc:  # preempted or deleted: it serves nothing and bills nothing more
+            self.request_stop(StopRequest("engine-failed", f"engine gone: {exc}", drain=False, failed=True))
         except Exception as exc:
             log.warning("deployment %s of %s: heartbeat failed: %s", self.id, self.model, exc)
         finally:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from gateway.control.context import gateway_secret
 from gateway.control.controller import ref_json
 from state import DeploymentState, Store
 from tasks.provider import ClusterRef, LaunchSpec
@@ -13,12 +19,21 @@ from tasks.skypilot import SkyPilotConfig, SkyPilotProvider
 from tests.api.test_lifecycle import FakeClock
 from tests.conftest import CHAT_BODY, make_settings, running_gateway
 from tests.fake_sky import FakeSkyClient
+from tests.stub_upstream import make_app, serve_in_thread
+
+
+@pytest.fixture(scope="module")
+def chat_stub() -> Iterator[str]:
+    """An engine that serves org/chat: SkyPilot readiness checks that /v1/models names the model."""
+    with serve_in_thread(make_app("org/chat")) as url:
+        yield url
+
 
 CONFIG = SkyPilotConfig(task=SkyTaskConfig(default_accelerators=("A10G",)), failsafe_minutes=30)
 
 
-async def test_heartbeat_rearms_the_failsafe_every_third(tmp_path: Path, stub_url: str) -> None:
-    clock, client = FakeClock(), FakeSkyClient(endpoint=stub_url.removeprefix("http://"))
+async def test_heartbeat_rearms_the_failsafe_every_third(tmp_path: Path, chat_stub: str) -> None:
+    clock, client = FakeClock(), FakeSkyClient(endpoint=chat_stub.removeprefix("http://"))
     settings = make_settings(tmp_path, keep_hot_seconds=7200)
     async with running_gateway(settings, SkyPilotProvider(client, CONFIG), clock) as (app, http):
         assert (await http.post("/v1/chat/completions", json=CHAT_BODY)).status_code == 200
@@ -60,17 +75,23 @@ def seed(settings, dep_id: str, model: str, state: DeploymentState, *, name: str
     return cluster
 
 
-async def launch_cluster(client: FakeSkyClient, dep_id: str, model: str) -> str:
-    provider = SkyPilotProvider(client, CONFIG)
-    ref = await provider.launch(LaunchSpec(deployment_id=dep_id, model=model))
+async def launch_cluster(client: FakeSkyClient, dep_id: str, model: str, settings) -> str:
+    """A cluster an earlier gateway process of this installation launched (same key, same label)."""
+    store = Store(settings.resolved_database_url)
+    store.create_all()
+    instance = store.instance_id()
+    store.close()
+    key = hmac.new(gateway_secret(settings), dep_id.encode(), hashlib.sha256).hexdigest()
+    spec = LaunchSpec(deployment_id=dep_id, model=model, engine_key=key, instance_id=instance)
+    ref = await SkyPilotProvider(client, CONFIG).launch(spec)
     return ref.name
 
 
-async def test_reconcile_adopts_live_marks_vanished_downs_unknown(tmp_path: Path, stub_url: str) -> None:
+async def test_reconcile_adopts_live_marks_vanished_downs_unknown(tmp_path: Path, chat_stub: str) -> None:
     settings = make_settings(tmp_path, {"org/chat": {}, "org/gone": {}, "org/stray": {}})
-    client = FakeSkyClient(endpoint=stub_url.removeprefix("http://"))
-    live = await launch_cluster(client, "dlive", "org/chat")
-    stray = await launch_cluster(client, "dstray", "org/stray")  # not in the store
+    client = FakeSkyClient(endpoint=chat_stub.removeprefix("http://"))
+    live = await launch_cluster(client, "dlive", "org/chat", settings)
+    stray = await launch_cluster(client, "dstray", "org/stray", settings)  # not in the store
     assert seed(settings, "dlive", "org/chat", DeploymentState.READY) == live
     seed(settings, "dgone", "org/gone", DeploymentState.READY)  # its cluster no longer exists
     client.calls.clear()
@@ -89,7 +110,7 @@ async def test_reconcile_adopts_live_marks_vanished_downs_unknown(tmp_path: Path
 async def test_reconcile_downs_an_unhealthy_cluster(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     client = FakeSkyClient(endpoint="127.0.0.1:9")  # /health does not answer
-    name = await launch_cluster(client, "dsick", "org/chat")
+    name = await launch_cluster(client, "dsick", "org/chat", settings)
     seed(settings, "dsick", "org/chat", DeploymentState.READY)
     async with running_gateway(settings, SkyPilotProvider(client, CONFIG)) as (app, _):
         assert app.state.store.get_deployment("dsick").state == DeploymentState.STOPPED
@@ -102,7 +123,7 @@ async def test_reconcile_resumes_waiting_for_a_loading_cluster(tmp_path: Path) -
     """A restart does not throw away a cold start in progress (audit B6): a runner waits for it."""
     settings = make_settings(tmp_path)
     client = FakeSkyClient(endpoint="127.0.0.1:9")  # still loading: /health does not answer yet
-    name = await launch_cluster(client, "dslow", "org/chat")
+    name = await launch_cluster(client, "dslow", "org/chat", settings)
     seed(settings, "dslow", "org/chat", DeploymentState.LOADING)
     async with running_gateway(settings, SkyPilotProvider(client, CONFIG)) as (app, _):
         assert app.state.store.get_deployment("dslow").state == DeploymentState.LOADING
@@ -112,10 +133,10 @@ async def test_reconcile_resumes_waiting_for_a_loading_cluster(tmp_path: Path) -
     assert name not in client.clusters  # shutdown stops it like any other deployment
 
 
-async def test_reconcile_can_adopt_unknown_clusters(tmp_path: Path, stub_url: str) -> None:
+async def test_reconcile_can_adopt_unknown_clusters(tmp_path: Path, chat_stub: str) -> None:
     settings = make_settings(tmp_path, reconcile_unknown="adopt")
-    client = FakeSkyClient(endpoint=stub_url.removeprefix("http://"))
-    name = await launch_cluster(client, "dx", "org/chat")
+    client = FakeSkyClient(endpoint=chat_stub.removeprefix("http://"))
+    name = await launch_cluster(client, "dx", "org/chat", settings)
     client.calls.clear()
     async with running_gateway(settings, SkyPilotProvider(client, CONFIG)) as (app, http):
         assert name in client.clusters

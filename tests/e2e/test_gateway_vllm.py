@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import signal
 import time
 from collections.abc import Iterator
@@ -10,6 +12,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
+from tests.conftest import ADMIN_TOKEN
 from tests.e2e.conftest import GatewayProcess, wait_until
 
 MODEL = "tiny-llama"
@@ -123,8 +126,10 @@ def test_stream_usage_is_read_without_changing_what_the_client_sees(hot_gateway:
     client(hot_gateway).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)  # warm
     [dep] = [d for d in hot_gateway.store().deployments(model=MODEL) if d.state == "ready"]
 
+    key = hmac.new(ADMIN_TOKEN.encode(), dep.id.encode(), hashlib.sha256).hexdigest()  # the engine's own
+
     def events(url: str) -> list[dict]:
-        with httpx.Client(timeout=120) as http:
+        with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {key}"}) as http:
             text = http.post(f"{url}/v1/chat/completions", json=body).text
         out = []
         for line in text.split("\n\n"):
