@@ -12,6 +12,7 @@ import uvicorn
 from pydantic import SecretStr
 
 from gateway.cli.admin import admin
+from gateway.cli.weights import weights
 from gateway.config.reference import ReferenceError
 from gateway.config.settings import ConfigFileError, load_settings
 
@@ -125,6 +126,7 @@ def export(
 
 
 app.add_typer(admin, name="admin")
+app.add_typer(weights, name="weights")
 
 
 def main() -> None:
