@@ -41,10 +41,20 @@ async def reconcile(controller: Controller, catalog: Catalog, *, unknown: str = 
         if ref is None or ref.provider != controller.provider.name:
             controller.close_stale(dep, f"left {dep.state} by an earlier gateway process; no engine found")
             continue
-        found = listed.pop(ref.name, None) if listed is not None else None
+        found = _take(listed, ref) if listed is not None else None
         await _known_engine(controller, catalog, dep, ref, vanished=listed is not None and found is None)
     for info in (listed or {}).values():
         await _unknown_engine(controller, catalog, info, unknown)
+
+
+def _take(listed: dict[str, ClusterInfo], ref: ClusterRef) -> ClusterInfo | None:
+    """Remove the listed engine of a stored ref (by name, or by deployment: a provider may
+    name an engine it found after a restart differently)."""
+    found = listed.pop(ref.name, None)
+    for name in [n for n, info in listed.items() if info.ref.deployment_id == ref.deployment_id]:
+        found = found or listed.pop(name)
+        listed.pop(name, None)
+    return found
 
 
 async def _list(controller: Controller) -> dict[str, ClusterInfo] | None:

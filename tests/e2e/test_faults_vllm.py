@@ -93,6 +93,8 @@ def test_a_client_that_hangs_up_leaves_the_queue_and_the_count(gateway: GatewayP
 
 
 def test_a_broken_model_tells_clients_little_and_admins_why(gateway: GatewayProcess) -> None:
+    # One GPU slot: tiny-llama gives it back first (else the answer is 503, no capacity).
+    httpx.post(f"{gateway.base_url}/admin/models/tiny-llama/unload", headers=AUTH, timeout=120)
     first = httpx.post(
         f"{gateway.base_url}/v1/chat/completions", json={**CHAT, "model": "broken"}, timeout=300
     )
