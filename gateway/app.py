@@ -14,9 +14,9 @@ from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import __version__
-from gateway.accounting.costs import spans_of, totals
 from gateway.accounting.ledger import Ledger, PriceBook
-from gateway.accounting.metrics import Metrics, StateCollector
+from gateway.accounting.loop_lag import watch_loop_lag
+from gateway.accounting.metrics import CostTotals, KnownModel, Metrics, StateCollector, pick_known
 from gateway.accounting.usage import UsageRecorder
 from gateway.api.admin import admin_router
 from gateway.api.errors import install_error_handlers
@@ -31,6 +31,7 @@ from gateway.control.reaper import Reaper
 from gateway.control.reconcile import reconcile
 from gateway.proxy.upstream import Proxy
 from state import ModelRecord, Store
+from state.writer import Writer
 from tasks.local import LocalConfig, LocalProvider
 from tasks.provider import Provider
 
@@ -112,9 +113,17 @@ def create_app(
     catalog = Catalog(load_reference(settings.model_reference), allow_unlisted=settings.allow_unlisted_models)
     provider = provider or build_provider(settings)
     store = Store(settings.resolved_database_url)
+    writer = Writer()  # every database write of the data plane goes through it
     metrics = Metrics()
     activity = Activity()
-    usage = UsageRecorder(store, metrics)
+    usage = UsageRecorder(
+        store,
+        metrics,
+        writer,
+        raw_rows=settings.usage.raw_rows,
+        retention_days=settings.usage.retention_days,
+        rollup_retention_days=settings.usage.rollup_retention_days,
+    )
     ledger = Ledger(store, price_book(settings, provider.name), provider=provider.name)
     controller = Controller(
         settings=settings,
@@ -125,6 +134,7 @@ def create_app(
         catalog=catalog,
         ledger=ledger,
         metrics=metrics,
+        writer=writer,
     )
     reaper = Reaper(controller, usage, settings)
     lease = ControllerLease(store, clock, seconds=settings.controller_lease_seconds)
@@ -154,11 +164,11 @@ def create_app(
             for s in catalog.specs.values()
         )
         await reconcile(controller, catalog, unknown=settings.reconcile_unknown)
-        # Series that exist from the start: Prometheus' increase() ignores a series' first sample.
-        for spec in catalog.specs.values():
-            if not spec.external:
-                for phase in ("launching", "loading", "total"):
-                    metrics.cold_start.labels(model=spec.id, phase=phase)
+        metrics.known(known_models(catalog, store, settings.metrics_known_models))
+        data_tasks = [
+            asyncio.create_task(watch_loop_lag(metrics.loop_lag), name="loop lag"),
+            asyncio.create_task(usage.run(settings.usage.flush_seconds, clock), name="usage flush"),
+        ]
         loop_task = asyncio.create_task(reaper.run(), name="reaper")
         log.info("gateway ready: %d models, provider %s", len(catalog.specs), provider.name)
         try:
@@ -173,9 +183,13 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await lease_task
             lease.release()
-            controller.flush_activity()
+            for task in data_tasks:
+                task.cancel()
+            await asyncio.gather(*data_tasks, return_exceptions=True)
+            await controller.flush_activity()
             await usage.flush()
             await proxy.close()
+            writer.close()
             store.close()
             log.info("gateway stopped")
 
@@ -200,21 +214,20 @@ def create_app(
     app.state.store = store
     app.state.reaper = reaper
     app.state.usage = usage
+    app.state.writer = writer
     install_error_handlers(app)
 
     app.include_router(openai_router(gateway))
     app.include_router(admin_router(settings=settings, catalog=catalog, controller=controller, store=store))
 
-    def scrape_state() -> dict[str, Any]:
-        by_state, gpus = controller.holdings()
-        return {
-            "deployments": by_state,
-            "gpus_in_use": gpus,
-            "waiting": controller.waiting_all(),
-            "costs": totals(spans_of(store.intervals()), now=clock()),
-        }
+    cost_totals = CostTotals(store, writer, clock)
+    scraped: dict[str, Any] = {}  # the snapshot the collector reads, taken by each scrape
 
-    metrics.add_collector(StateCollector(scrape_state))
+    def take_snapshot(costs: dict[tuple[str, str], tuple[float, float]]) -> None:
+        by_state, gpus = controller.holdings()
+        scraped.update(deployments=by_state, gpus_in_use=gpus, waiting=controller.waiting_all(), costs=costs)
+
+    metrics.add_collector(StateCollector(lambda: scraped, metrics))
 
     @app.get(
         "/metrics",
@@ -226,6 +239,7 @@ def create_app(
         responses={200: {"content": {"text/plain": {"example": "llmgw_gpus_in_use 1.0\n"}}}},
     )
     async def prometheus_metrics() -> Response:
+        take_snapshot(await cost_totals.get())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get(
@@ -274,6 +288,17 @@ def create_app(
         }
 
     return app
+
+
+def known_models(catalog: Catalog, store: Store, limit: int) -> list[KnownModel]:
+    """The models whose series exist from startup (see `Metrics.known`)."""
+    specs = list(catalog.specs.values())
+    models = [KnownModel(s.id, s.kind, launchable=not s.external) for s in specs]
+    if len(models) <= limit:
+        return models
+    return pick_known(
+        models, last_used=store.models_last_used(), priority={s.id: s.priority for s in specs}, limit=limit
+    )
 
 
 def _model_entry(model_id: str, catalog: Catalog, controller: Controller) -> dict[str, Any]:

@@ -13,13 +13,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event, func, insert, or_, update
+from sqlalchemy import Engine, case, event, func, insert, literal, or_, update
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ColumnElement
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.types import Float
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from state.machine import TERMINAL, TIMESTAMP_COLUMN, DeploymentState, check_transition
-from state.tables import ControllerLease, CostInterval, Deployment, Event, ModelRecord, Usage, utcnow
+from state.tables import ControllerLease, CostInterval, Deployment, Event, ModelRecord, UTCDateTime, utcnow
+from state.usage_store import UsageStore
 
 # How long a SQLite connection waits for a lock held by another writer before failing.
 SQLITE_BUSY_TIMEOUT_MS = 5000
@@ -44,6 +50,50 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+class SecondsBetween(FunctionElement[float]):
+    """Seconds from the first timestamp to the second, computed by the database."""
+
+    type = Float()
+    inherit_cache = True
+
+    def __init__(self, start: ColumnElement[datetime], end: ColumnElement[datetime]) -> None:
+        super().__init__(start, end)
+
+
+def _sqlite_epoch(compiler: SQLCompiler, expr: Any) -> tuple[str, str]:
+    """Whole seconds and the fraction of a timestamp as SQLAlchemy stores it in SQLite
+    ('YYYY-MM-DD HH:MM:SS.ffffff'): exact to the microsecond, unlike julianday()."""
+    text = compiler.process(expr)
+    return f"CAST(strftime('%s', {text}) AS INTEGER)", f"CAST(substr({text}, 20) AS REAL)"
+
+
+@compiles(SecondsBetween, "sqlite")
+def _seconds_sqlite(element: SecondsBetween, compiler: SQLCompiler, **kw: Any) -> str:
+    start, end = list(element.clauses)
+    (s_int, s_frac), (e_int, e_frac) = _sqlite_epoch(compiler, start), _sqlite_epoch(compiler, end)
+    return f"(({e_int} - {s_int}) + ({e_frac} - {s_frac}))"
+
+
+@compiles(SecondsBetween, "postgresql")
+def _seconds_postgresql(element: SecondsBetween, compiler: SQLCompiler, **kw: Any) -> str:
+    start, end = list(element.clauses)
+    return f"EXTRACT(EPOCH FROM ({compiler.process(end)} - {compiler.process(start)}))"
+
+
+_SECONDS_DIALECTS = ("sqlite", "postgresql")
+
+
+def _totals_in_python(
+    intervals: Iterable[CostInterval], now: datetime
+) -> dict[tuple[str, str], tuple[float, float]]:
+    out: dict[tuple[str, str], tuple[float, float]] = {}
+    for i in intervals:
+        seconds = max(((i.ended_at or now) - i.started_at).total_seconds(), 0.0)
+        gpu_s, dollars = out.get((i.model, i.phase), (0.0, 0.0))
+        out[(i.model, i.phase)] = (gpu_s + seconds * i.gpus, dollars + seconds / 3600 * i.hourly_price)
+    return out
+
+
 @dataclass(frozen=True)
 class IntervalChange:
     """One cost-ledger change: open a new interval (closing the deployment's open one at its
@@ -54,7 +104,7 @@ class IntervalChange:
     relabel: str | None = None
 
 
-class Store:
+class Store(UsageStore):
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
@@ -120,6 +170,13 @@ class Store:
                 if kept:
                     out[row.id] = kept
         return out
+
+    def models_last_used(self) -> dict[str, datetime]:
+        with Session(self.engine) as s:
+            q = select(ModelRecord.id, ModelRecord.last_used_at).where(
+                col(ModelRecord.last_used_at).is_not(None)
+            )
+            return {model: at for model, at in s.exec(q) if at is not None}
 
     def get_model(self, model_id: str) -> ModelRecord | None:
         with Session(self.engine) as s:
@@ -316,6 +373,24 @@ class Store:
                 q = q.where(or_(col(CostInterval.ended_at).is_(None), col(CostInterval.ended_at) > since))
             return list(s.exec(q))
 
+    def cost_totals(self, now: datetime) -> dict[tuple[str, str], tuple[float, float]]:
+        """(GPU-seconds, dollars) by (model, phase) over all intervals, open ones up to `now`:
+        summed by the database (one aggregate query, no rows loaded)."""
+        if self.engine.dialect.name not in _SECONDS_DIALECTS:
+            return _totals_in_python(self.intervals(), now)
+        t = CostInterval.__table__  # type: ignore[attr-defined]
+        end = func.coalesce(t.c.ended_at, literal(now, UTCDateTime()))
+        raw = SecondsBetween(t.c.started_at, end)
+        seconds = case((raw > 0, raw), else_=0.0)
+        q = select(
+            t.c.model,
+            t.c.phase,
+            func.sum(seconds * t.c.gpus),
+            func.sum(seconds * t.c.hourly_price / 3600.0),
+        ).group_by(t.c.model, t.c.phase)
+        with self.engine.connect() as conn:
+            return {(m, p): (float(g or 0.0), float(d or 0.0)) for m, p, g, d in conn.execute(q)}
+
     # -- controller lease -----------------------------------------------------------------
 
     def acquire_lease(
@@ -355,28 +430,3 @@ class Store:
             if row is not None and row.holder == holder:
                 s.delete(row)
                 s.commit()
-
-    def add_usage(self, rows: Iterable[Usage | Mapping[str, Any]]) -> int:
-        """Insert usage rows in one statement (executemany): they come in batches of thousands."""
-        values = [r.model_dump(exclude={"id"}) if isinstance(r, Usage) else dict(r) for r in rows]
-        if values:
-            with Session(self.engine) as s:
-                s.execute(insert(Usage), values)
-                s.commit()
-        return len(values)
-
-    def usage(self, *, since: datetime | None = None, until: datetime | None = None) -> list[Usage]:
-        with Session(self.engine) as s:
-            q = select(Usage).order_by(col(Usage.at), col(Usage.id))
-            if since is not None:
-                q = q.where(col(Usage.at) >= since)
-            if until is not None:
-                q = q.where(col(Usage.at) < until)
-            return list(s.exec(q))
-
-    def usage_count(self, *, model: str | None = None) -> int:
-        with Session(self.engine) as s:
-            q = select(func.count()).select_from(Usage)
-            if model is not None:
-                q = q.where(col(Usage.model) == model)
-            return int(s.exec(q).one())

@@ -33,6 +33,7 @@ from gateway.control.policies import (
     heartbeats_due,
 )
 from state import ALLOWED, Deployment, DeploymentState, Store
+from state.writer import Writer
 from tasks.provider import CapacityError, ClusterRef, Endpoint, LaunchSpec, Provider, ProviderError
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Controller:
         catalog: Catalog,
         ledger: Ledger,
         metrics: Metrics,
+        writer: Writer,
     ) -> None:
         self.settings = settings
         self.provider = provider
@@ -65,6 +67,7 @@ class Controller:
         self.catalog = catalog
         self.ledger = ledger
         self.metrics = metrics
+        self.writer = writer
         self.routes: dict[str, Route] = {}
         self.failures: dict[str, Failure] = {}
         self._live: dict[str, LiveDeployment] = {}  # by model: at most one live deployment per model
@@ -528,12 +531,19 @@ class Controller:
         for info in await self.provider.list():  # anything still known to the provider
             await self.provider.stop(info.ref)
 
-    def flush_activity(self) -> None:
-        """Write the last-used times gathered in memory since the previous flush."""
+    async def flush_activity(self) -> None:
+        """Write the last-used times gathered in memory since the previous flush: the snapshot
+        is taken here, on the loop; the database writer writes it. A failed write is retried at
+        the next flush."""
         batch = self.activity.take_dirty()
-        if batch:
-            deployments = {self._live[m].deployment_id: at for m, at in batch.items() if m in self._live}
-            self.store.touch_models(batch, deployments)
+        if not batch:
+            return
+        deployments = {self._live[m].deployment_id: at for m, at in batch.items() if m in self._live}
+        try:
+            await self.writer.run(self.store.touch_models, batch, deployments)
+        except Exception as exc:
+            log.error("last-used flush failed, retried at the next one: %s: %s", type(exc).__name__, exc)
+            self.activity.restore(batch)
 
     # -- helpers ----------------------------------------------------------------------------
 

@@ -59,11 +59,10 @@ class Reaper:
             applied.extend(after_hours)
         else:
             for action in idle_stops(views, now):
-                if (
-                    self.controller.stop_soon(action.model, kind=action.kind, reason=action.reason)
-                    is not None
-                ):
+                stop = self.controller.stop_soon(action.model, kind=action.kind, reason=action.reason)
+                if stop is not None:
                     log.info("%s: %s (%s)", action.model, action.kind, action.reason)
+                    self._track(stop)  # settle() waits for it
                     applied.append(action)
         for model in prewarm_due(self.prewarm, since, now):
             self._spawn(self._prewarm(model))
@@ -72,7 +71,7 @@ class Reaper:
         self.controller.record_activity(since, now)
         self.controller.expire_failures(now)
         await self.controller.heartbeat_due(now)
-        await asyncio.to_thread(self.controller.flush_activity)
+        await self.controller.flush_activity()
         await self.usage.flush()
         return applied
 
@@ -110,7 +109,9 @@ class Reaper:
         )
 
     def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
-        task = asyncio.create_task(coro)
+        self._track(asyncio.create_task(coro))
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
