@@ -225,7 +225,13 @@ def create_app(
 
     def take_snapshot(costs: dict[tuple[str, str], tuple[float, float]]) -> None:
         by_state, gpus = controller.holdings()
-        scraped.update(deployments=by_state, gpus_in_use=gpus, waiting=controller.waiting_all(), costs=costs)
+        scraped.update(
+            deployments=by_state,
+            gpus_in_use=gpus,
+            waiting=controller.waiting_all(),
+            costs=costs,
+            writes_pending=writer.pending,
+        )
 
     metrics.add_collector(StateCollector(lambda: scraped, metrics))
 

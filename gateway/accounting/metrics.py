@@ -183,6 +183,11 @@ class StateCollector(Collector):
         yield GaugeMetricFamily(
             "llmgw_gpus_in_use", "GPUs held by live deployments.", value=state["gpus_in_use"]
         )
+        yield GaugeMetricFamily(
+            "llmgw_db_writes_pending",
+            "Jobs queued for the database writer (usage, last-used times, ...) and not done yet.",
+            value=state["writes_pending"],
+        )
         waiting = GaugeMetricFamily(
             "llmgw_waiting_requests", "Requests waiting for a model's engine to start.", labels=["model"]
         )
