@@ -3,6 +3,7 @@ own `llmgw_event_loop_lag_seconds` histogram (bucket bounds), when it exports on
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -27,6 +28,22 @@ def summary(lags_s: Sequence[float]) -> dict[str, float]:
         "p99_ms": round(percentile(ms, 99), 3),
         "max_ms": round(max(ms), 3) if ms else math.nan,
         "over_1ms": sum(1 for x in ms if x > 1.0),
+    }
+
+
+def stalls(
+    samples: Sequence[tuple[float, float]], windows: Sequence[tuple[float, float]], *, over_s: float = 0.002
+) -> dict[str, float]:
+    """Wake-ups later than `over_s` inside the windows: how many, the median time between two
+    of them (a periodic stall, e.g. a control-loop tick, shows as its period) and the largest."""
+    times = [at for at, lag in samples if lag > over_s and any(a <= at < b for a, b in windows)]
+    gaps = [b - a for a, b in itertools.pairwise(times) if b - a < 30]
+    return {
+        "count": len(times),
+        "median_gap_s": round(percentile(gaps, 50), 2) if gaps else math.nan,
+        "largest_ms": round(
+            max((lag for at, lag in samples if any(a <= at < b for a, b in windows)), default=0) * 1000, 1
+        ),
     }
 
 

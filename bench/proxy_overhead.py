@@ -98,14 +98,17 @@ def measure(
     ctx: Context, subjects: list[Subject], litellm: Subject | None, gateway: Gateway, window: float
 ) -> dict[str, Any]:
     direct, proxied = subjects
-    windows: list[tuple[float, float]] = []  # when the gateway was under load
+    windows: dict[str, list[tuple[float, float]]] = {"idle": [], "c1": [], f"c{CONCURRENCY}": []}
     text, first_scrape = lag.scrape(gateway.base_url)
     before = lag.buckets(text)
     time.sleep(SETTLE_SECONDS)
+    t0 = time.monotonic()
+    time.sleep(ctx.pick(6.0, 3.0))  # no traffic: ticks only
+    windows["idle"].append((t0, time.monotonic()))
     out: dict[str, Any] = {"metrics_scrape_s_first": round(first_scrape, 3), "metrics_bytes": len(text)}
     for stream in (False, True):
         kind = "stream" if stream else "buffered"
-        out[f"c1_{kind}"] = sequential(direct, proxied, stream=stream, seconds=window, windows=windows)
+        out[f"c1_{kind}"] = sequential(direct, proxied, stream=stream, seconds=window, windows=windows["c1"])
         if litellm is not None:
             out[f"c1_{kind}_litellm"] = sequential(direct, litellm, stream=stream, seconds=window)
     for stream in (False, True):
@@ -113,13 +116,17 @@ def measure(
         targets = [direct, proxied] + ([litellm] if litellm else [])
         out[f"c{CONCURRENCY}_{kind}"] = {
             t.name: concurrent(
-                ctx, t, stream=stream, seconds=window, windows=windows if t is proxied else None
+                ctx,
+                t,
+                stream=stream,
+                seconds=window,
+                windows=windows[f"c{CONCURRENCY}"] if t is proxied else None,
             )
             for t in targets
         }
     samples = loop_lag_samples(gateway)
-    out["loop_lag_probe"] = lag.summary(lag.in_windows(samples, windows))
-    out["loop_lag_probe_idle"] = lag.summary([x for at, x in samples if at < windows[0][0]])
+    out["loop_lag"] = {name: lag.summary(lag.in_windows(samples, w)) for name, w in windows.items()}
+    out["loop_lag_stalls"] = lag.stalls(samples, windows["idle"] + windows["c1"])  # the loop is not saturated
     text, last_scrape = lag.scrape(gateway.base_url)
     out["metrics_scrape_s_last"] = round(last_scrape, 3)
     after = lag.buckets(text)
