@@ -27,6 +27,9 @@ from state.machine import TERMINAL, TIMESTAMP_COLUMN, DeploymentState, check_tra
 from state.tables import ControllerLease, CostInterval, Deployment, Event, ModelRecord, UTCDateTime, utcnow
 from state.usage_store import UsageStore
 
+# Indexes of tables that existed before them.
+ADDED_INDEXES = [i for i in CostInterval.__table__.indexes if i.name == "ix_cost_ended"]  # type: ignore[attr-defined]
+
 # How long a SQLite connection waits for a lock held by another writer before failing.
 SQLITE_BUSY_TIMEOUT_MS = 5000
 
@@ -110,7 +113,11 @@ class Store(UsageStore):
         self.engine = make_engine(url)
 
     def create_all(self) -> None:
+        """Create missing tables, and the indexes added since a table was first created (no
+        migrations yet: create_all alone skips the indexes of an existing table)."""
         SQLModel.metadata.create_all(self.engine)
+        for index in ADDED_INDEXES:
+            index.create(self.engine, checkfirst=True)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -108,7 +108,11 @@ class CostInterval(SQLModel, table=True):
     running gateway saw it open (used to close it after a crash)."""
 
     __tablename__ = "cost_intervals"
-    __table_args__ = (Index("ix_cost_open", "deployment_id", "ended_at"),)
+    __table_args__ = (
+        Index("ix_cost_open", "deployment_id", "ended_at"),
+        # The open intervals (ended_at NULL) of every deployment: checked at each tick.
+        Index("ix_cost_ended", "ended_at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     deployment_id: str = Field(max_length=32)
