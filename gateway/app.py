@@ -233,6 +233,7 @@ def create_app(
             writes_pending=writer.pending,
         )
 
+    take_snapshot({})
     metrics.add_collector(StateCollector(lambda: scraped, metrics))
 
     @app.get(

@@ -116,7 +116,7 @@ def body_tokens(body: bytes) -> tuple[int | None, int | None]:
     value = rest[1:].lstrip()
     try:
         usage, _ = _DECODER.raw_decode(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, cut off, or nested beyond reason
         return None, None
     return tokens_of(usage)
 

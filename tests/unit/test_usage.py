@@ -66,6 +66,7 @@ def test_body_tokens_reads_the_top_level_usage() -> None:
     assert body_tokens(b'{"usage": null}') == (None, None)
     assert body_tokens(b'{"usage": {"prompt_tokens": "7"}}') == (None, None)
     assert body_tokens(b'{"usage": {"prompt_tokens": 3, "comp') == (None, None)  # cut off
+    assert body_tokens(b'{"usage": ' + b"[" * 3000) == (None, None)  # deep nesting
     big = answer(5, 6, content="x" * 5_000_000)
     assert body_tokens(big) == (5, 6)
 
