@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -42,15 +43,31 @@ class InlineExecutor(Executor):
         return future
 
 
+_writer_thread = threading.local()
+
+
+def _mark_writer_thread() -> None:
+    _writer_thread.active = True
+
+
+# A zero sleep releases the GIL, but this thread usually takes it back before the loop's thread
+# has woken up; a short sleep hands it over for sure (the loop then waits at most one slice).
+YIELD_SECONDS = 0.0001
+
+
 def yield_gil() -> None:
-    """Let other threads (the event loop) take the GIL now: call between slices of a long job."""
-    time.sleep(0)
+    """Let other threads (the event loop) take the GIL now: call between slices of a long job.
+    Only on a writer's own thread: a job run inline (on the loop) has no one to yield to."""
+    if getattr(_writer_thread, "active", False):
+        time.sleep(YIELD_SECONDS)
 
 
 class Writer:
     def __init__(self, executor: Executor | None = None, *, name: str = "db-writer") -> None:
         self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._executor = executor or ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=name, initializer=_mark_writer_thread
+        )
         self.name = name
         self._submitted = 0  # changed by submitters only
         self._finished = 0  # changed by the job itself (the writer's thread) only
@@ -70,8 +87,14 @@ class Writer:
 
     async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Queue `fn` like `submit` and wait (without blocking the loop) for its result; its
-        exception is raised here, not logged."""
-        return await asyncio.wrap_future(self._submit(fn, args, kwargs))
+        exception is raised here, not logged. A write once queued is done even if the waiting
+        task is cancelled (shutdown): the cancellation only stops the wait."""
+        future = self._submit(fn, args, kwargs)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            future.add_done_callback(self._log_failure(fn))  # nobody will see its error otherwise
+            raise
 
     async def barrier(self) -> None:
         """Wait until every job submitted before this call has run."""

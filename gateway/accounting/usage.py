@@ -19,7 +19,7 @@ import json
 import logging
 from bisect import bisect_left
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.accounting.metrics import Metrics
@@ -32,7 +32,7 @@ from state.writer import Writer, yield_gil
 log = logging.getLogger(__name__)
 
 # Bodies parsed between two yields of the GIL in the writer (each takes a few microseconds).
-PARSE_SLICE = 200
+PARSE_SLICE = 100
 # Raw rows inserted per transaction (a short lock, so other writers never wait long).
 RAW_INSERT_SLICE = 500
 # Raw rows kept for a retry while the database fails; older ones beyond this are dropped.
@@ -182,6 +182,7 @@ class UsageRecorder:
         self._pending = Batch()
         self._written: set[UsageKey] = set()  # keys with a row; used by the writer's jobs only
         self._last_prune: datetime | None = None
+        self._minute = self._minute_end = datetime.min.replace(tzinfo=UTC)  # the current minute
         self.dropped_raw = 0
 
     # -- on the loop ------------------------------------------------------------------------
@@ -189,8 +190,12 @@ class UsageRecorder:
     def record(self, rec: UsageRecord) -> None:
         """Add one finished request to the minute's sums (dict and list increments only)."""
         pending = self._pending
+        minute = self._minute
+        if not minute <= rec.at < self._minute_end:  # a new minute (computed once a minute)
+            minute = self._minute = rec.at.replace(second=0, microsecond=0)
+            self._minute_end = minute + timedelta(minutes=1)
         key = (
-            rec.at.replace(second=0, microsecond=0),
+            minute,
             rec.model,
             rec.path,
             rec.status,

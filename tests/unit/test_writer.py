@@ -66,6 +66,22 @@ async def test_inline_executor_runs_each_job_at_once_in_the_callers_thread() -> 
     assert writer.pending == 0
 
 
+async def test_a_cancelled_wait_does_not_cancel_the_write() -> None:
+    writer = Writer()
+    gate = threading.Event()
+    done: list[str] = []
+    writer.submit(gate.wait, 5)  # the writer is busy: the next job waits in the queue
+    waiting = asyncio.create_task(writer.run(done.append, "written"))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    gate.set()
+    await writer.barrier()
+    assert done == ["written"]
+    writer.close()
+
+
 def test_close_runs_what_is_queued_then_refuses_work() -> None:
     writer = Writer()
     done: list[int] = []
