@@ -11,9 +11,10 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway import __version__
+from gateway.accounting.exposition import render
 from gateway.accounting.ledger import Ledger, PriceBook
 from gateway.accounting.loop_lag import watch_loop_lag
 from gateway.accounting.metrics import CostTotals, KnownModel, Metrics, StateCollector, pick_known
@@ -221,20 +222,20 @@ def create_app(
     app.include_router(admin_router(settings=settings, catalog=catalog, controller=controller, store=store))
 
     cost_totals = CostTotals(store, writer, clock)
-    scraped: dict[str, Any] = {}  # the snapshot the collector reads, taken by each scrape
+    scraped: list[dict[str, Any]] = [{}]  # the snapshot the collector reads, replaced by each scrape
 
     def take_snapshot(costs: dict[tuple[str, str], tuple[float, float]]) -> None:
         by_state, gpus = controller.holdings()
-        scraped.update(
-            deployments=by_state,
-            gpus_in_use=gpus,
-            waiting=controller.waiting_all(),
-            costs=costs,
-            writes_pending=writer.pending,
-        )
+        scraped[0] = {
+            "deployments": by_state,
+            "gpus_in_use": gpus,
+            "waiting": controller.waiting_all(),
+            "costs": costs,
+            "writes_pending": writer.pending,
+        }
 
     take_snapshot({})
-    metrics.add_collector(StateCollector(lambda: scraped, metrics))
+    metrics.add_collector(StateCollector(lambda: scraped[0], metrics))
 
     @app.get(
         "/metrics",
@@ -247,7 +248,7 @@ def create_app(
     )
     async def prometheus_metrics() -> Response:
         take_snapshot(await cost_totals.get())
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await render(metrics.collectors()), media_type=CONTENT_TYPE_LATEST)
 
     @app.get(
         "/health",

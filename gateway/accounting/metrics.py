@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -56,8 +56,12 @@ class KnownModel:
 
 class Metrics:
     def __init__(self) -> None:
+        # `_created` series (a second family per metric) are of no use to Prometheus' text format,
+        # and they would stop /metrics from being written in slices (see exposition.py).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         self.known_models: tuple[KnownModel, ...] = ()
+        self._collectors: list[Collector] = []
         self.requests = Counter(
             "llmgw_requests",
             "Requests by model, endpoint and HTTP status.",
@@ -101,6 +105,19 @@ class Metrics:
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
+        self._collectors.append(collector)
+
+    def collectors(self) -> list[Collector]:
+        """Everything the registry holds, in its order (for `exposition.render`)."""
+        return [
+            self.requests,
+            self.latency,
+            self.overhead,
+            self.cold_start,
+            self.tokens,
+            self.loop_lag,
+            *self._collectors,
+        ]
 
     def known(self, models: Iterable[KnownModel]) -> None:
         """Create the series of these models at zero (see the module docstring)."""
