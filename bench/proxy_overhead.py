@@ -124,11 +124,14 @@ def measure(
             )
             for t in targets
         }
+    t0 = time.monotonic()
+    text, last_scrape = lag.scrape(gateway.base_url)
+    windows["scrape"] = [(t0, time.monotonic() + 0.2)]  # the wake-up after a stall comes after it
+    time.sleep(SETTLE_SECONDS)
+    out["metrics_scrape_s_last"] = round(last_scrape, 3)
     samples = loop_lag_samples(gateway)
     out["loop_lag"] = {name: lag.summary(lag.in_windows(samples, w)) for name, w in windows.items()}
     out["loop_lag_stalls"] = lag.stalls(samples, windows["idle"] + windows["c1"])  # the loop is not saturated
-    text, last_scrape = lag.scrape(gateway.base_url)
-    out["metrics_scrape_s_last"] = round(last_scrape, 3)
     after = lag.buckets(text)
     if before is not None and after is not None:
         out["loop_lag_histogram_p99_ms"] = round(lag.quantile(before, after, 0.99) * 1000, 3)

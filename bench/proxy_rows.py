@@ -173,7 +173,7 @@ def lag_rows(raw: dict[str, Any]) -> list[Row]:
             baseline=f"first scrape {raw['metrics_scrape_s_first'] * 1000:,.0f} ms",
             subject=f"{raw['metrics_bytes'] / 1e6:.1f} MB",
             note=f"{raw['models']:,} models in the reference, {raw['live_deployments']:,} live deployments; "
-            "the loop is held for the whole scrape",
+            f"the loop was held up to {raw['loop_lag']['scrape']['max_ms']:.1f} ms during the last scrape",
         ),
     )
     return out
