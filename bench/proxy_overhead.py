@@ -1,20 +1,22 @@
-"""Benchmark 1: what the gateway adds to a hot, non-streamed chat completion.
+"""Benchmark 1: what users feel through the gateway, against the stub upstream called directly and
+against LiteLLM, all in one run, with 10,000 models in the reference and 1,000 live deployments.
 
-The fast stub upstream is called directly (the baseline) and through the real gateway process
-(a reference entry with `endpoint`, so no engine is launched), and through the LiteLLM proxy when
-`.venv-litellm` exists.
+The gateway is the real application with FakeProvider engines that all answer from the stub
+(`bench/fleet_gateway.py`): its reaper ticks every 2 s over 1,000 deployments, usage and
+last-used times are flushed, the ledger runs. Every window lasts at least 10 s so that ticks fall
+inside it (a 300-request sample is over before the first one).
 
-(a) One request at a time, each subject interleaved round by round with its own direct
-baseline: added p50 and p99 back to back, and again with `IDLE_GAP` between requests (light
-traffic: on these VMs an idle CPU is halted and waking it costs, once per hop).
-(b) 32 connections in a closed loop, the subjects taking turns: requests per second, their
-ratio, and the added p50. The gateway, the stub and the load generator share the machine's
-cores, so (b) measures the whole system, not the gateway alone.
+- c=1, buffered and streamed (20 SSE events): one request at a time, the subject and the direct
+  baseline interleaved request by request; added p50 / p99 (streams: time to first event).
+- c=32, buffered and streamed: closed loops (wrk, or the Python client without it), the subjects
+  one after another; requests or streams per second, p50, p99.
+- Event-loop lag: the gateway process's wake-up probe during the gateway's windows (exact), and
+  its `llmgw_event_loop_lag_seconds` histogram over the run when it exports one.
 """
 
 from __future__ import annotations
 
-import os
+import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,27 +24,28 @@ from typing import Any
 
 import uvloop
 
-from bench import litellm_proc, load
-from bench.gateway_proc import start_gateway
+from bench import lag, litellm_proc, load, wrk
+from bench.fleet import loop_lag_samples, reference, start_fleet_gateway
+from bench.gateway_proc import Gateway
 from bench.http_client import post_request
-from bench.procs import cpu_seconds, stub_server
-from bench.report import BenchResult, Row, Target
-from bench.stats import median, summary_ms
+from bench.procs import stub_server
+from bench.proxy_rows import rows
+from bench.report import BenchResult
+from bench.stats import summary_ms
 from bench.suite import Context, log
 
 NAME = "proxy_overhead"
 MODEL = "stub"
 PATH = "/v1/chat/completions"
+CONCURRENCY = 32
+STREAM_EVENTS = 20
 BODY: dict[str, Any] = {
     "model": MODEL,
     "messages": [{"role": "user", "content": "Say hello in five words."}],
     "max_tokens": 16,
 }
-CONCURRENCY = 32
-IDLE_GAP = 0.020
-# LiteLLM measured elsewhere at concurrency 32: used when it is not installed here.
-LITELLM_REFERENCE_RPS = 75.0
-TARGET_RPS_RATIO = 20.0
+STREAM_BODY: dict[str, Any] = {**BODY, "max_tokens": STREAM_EVENTS, "stream": True}
+SETTLE_SECONDS = 0.5  # after a /metrics scrape, before a window opens (its stall stays outside)
 
 
 @dataclass
@@ -51,200 +54,135 @@ class Subject:
 
     name: str
     url: str
-    pid: int
 
-    @property
-    def request(self) -> bytes:
-        return post_request(self.url, PATH, BODY)
+    def request(self, stream: bool) -> bytes:
+        return post_request(self.url, PATH, STREAM_BODY if stream else BODY)
 
 
 def run(ctx: Context) -> BenchResult:
-    rounds = ctx.pick(3000, 300)
-    few_rounds = ctx.pick(500, 100)  # with idle gaps, and for LiteLLM (~20 ms a request)
-    limit = ctx.pick(60.0, 20.0)
+    window = ctx.pick(12.0, 3.0)
+    models, live = ctx.pick(10_000, 1_000), ctx.pick(1_000, 100)
     with ExitStack() as stack:
-        stub = stub_server(ctx.workdir)
+        stub = stub_server(ctx.workdir, chunks=STREAM_EVENTS)
         stack.callback(stub.stop)
-        gateway = start_gateway(ctx.workdir / "gateway", {MODEL: {"endpoint": stub.base_url}})
+        names = list(reference(models, MODEL))
+        gateway = start_fleet_gateway(
+            ctx.workdir / "gateway", stub.base_url, models=reference(models, MODEL), live=names[:live]
+        )
         stack.callback(gateway.stop)
-        direct = Subject("direct", stub.base_url, stub.pid)
-        proxied = Subject("gateway", gateway.base_url, gateway.pid)
-        litellm, litellm_info = start_litellm(ctx, stack, stub.base_url)
-        sequential = {
-            "back_to_back": measure_sequential([direct, proxied], rounds=rounds, time_limit=limit),
-            "idle_gap": measure_sequential(
-                [direct, proxied], rounds=few_rounds, time_limit=limit, pause=IDLE_GAP
-            ),
-        }
-        if litellm is not None:
-            sequential["litellm"] = measure_sequential([direct, litellm], rounds=few_rounds, time_limit=limit)
-        subjects = [direct, proxied] + ([litellm] if litellm else [])
-        concurrent = measure_concurrent(subjects, reps=ctx.pick(3, 1), seconds=ctx.pick(5.0, 2.0))
-    result = BenchResult(NAME, raw={"sequential": sequential, "concurrent": concurrent, **litellm_info})
-    result.rows = rows(sequential, concurrent, litellm_measured=litellm is not None)
-    if litellm is None:
-        result.rows[-1].note = litellm_info["litellm_skipped"]
-    return result
+        litellm, info = start_litellm(ctx, stack, stub.base_url)
+        subjects = [Subject("direct", stub.base_url), Subject("gateway", gateway.base_url)]
+        raw = measure(ctx, subjects, litellm, gateway, window)
+    raw.update(info, models=models, live_deployments=live, window_s=window)
+    return BenchResult(NAME, rows=rows(raw), raw=raw)
 
 
 def start_litellm(ctx: Context, stack: ExitStack, upstream: str) -> tuple[Subject | None, dict[str, Any]]:
-    """LiteLLM in front of the same stub when `.venv-litellm` exists; else None and why."""
+    """LiteLLM in front of the same stub when `.venv-litellm` exists; else None, said loudly."""
     if not litellm_proc.installed():
-        why = (
-            f"LiteLLM not installed ({litellm_proc.LITELLM_BIN} missing): skipped; "
-            "scripts/setup_litellm.sh installs it"
+        why = f"LiteLLM is NOT installed ({litellm_proc.LITELLM_BIN} missing): run `make litellm`"
+        banner = "!" * 78
+        print(
+            f"\n{banner}\n!! {why}\n!! every ratio to LiteLLM below is unmeasured (n/a)\n{banner}\n",
+            file=sys.stderr,
         )
-        log.info("%s", why)
         return None, {"litellm_skipped": why}
     t0 = time.monotonic()
     server = litellm_proc.start_litellm(ctx.workdir / "litellm", MODEL, upstream)
     stack.callback(server.stop)
     info = {"litellm_version": litellm_proc.version(), "litellm_start_s": round(time.monotonic() - t0, 1)}
-    return Subject("litellm", server.base_url, server.pid), info
+    return Subject("litellm", server.base_url), info
 
 
-def measure_sequential(
-    targets: list[Subject], *, rounds: int, time_limit: float, pause: float = 0.0
+def measure(
+    ctx: Context, subjects: list[Subject], litellm: Subject | None, gateway: Gateway, window: float
 ) -> dict[str, Any]:
-    requests = {t.name: (t.url, t.request) for t in targets}
-    cpu0 = {t.name: cpu_seconds(t.pid) or 0.0 for t in targets}
-    series = uvloop.run(load.interleaved(requests, rounds=rounds, time_limit=time_limit, pause=pause))
-    out: dict[str, Any] = {}
-    for t in targets:
-        s = series[t.name]
-        cpu = (cpu_seconds(t.pid) or 0.0) - cpu0[t.name]
-        out[t.name] = {
-            **summary_ms(s.latencies()),
-            "errors": s.errors,
-            # includes the warm-up requests and whatever the server does in the background
-            "server_cpu_ms_per_request": round(1000 * cpu / max(len(s.replies), 1), 3),
+    direct, proxied = subjects
+    windows: dict[str, list[tuple[float, float]]] = {"idle": [], "c1": [], f"c{CONCURRENCY}": []}
+    text, first_scrape = lag.scrape(gateway.base_url)
+    before = lag.buckets(text)
+    time.sleep(SETTLE_SECONDS)
+    t0 = time.monotonic()
+    time.sleep(ctx.pick(6.0, 3.0))  # no traffic: ticks only
+    windows["idle"].append((t0, time.monotonic()))
+    out: dict[str, Any] = {"metrics_scrape_s_first": round(first_scrape, 3), "metrics_bytes": len(text)}
+    for stream in (False, True):
+        kind = "stream" if stream else "buffered"
+        out[f"c1_{kind}"] = sequential(direct, proxied, stream=stream, seconds=window, windows=windows["c1"])
+        if litellm is not None:
+            out[f"c1_{kind}_litellm"] = sequential(direct, litellm, stream=stream, seconds=window)
+    for stream in (False, True):
+        kind = "stream" if stream else "buffered"
+        targets = [direct, proxied] + ([litellm] if litellm else [])
+        out[f"c{CONCURRENCY}_{kind}"] = {
+            t.name: concurrent(
+                ctx,
+                t,
+                stream=stream,
+                seconds=window,
+                windows=windows[f"c{CONCURRENCY}"] if t is proxied else None,
+            )
+            for t in targets
         }
+    t0 = time.monotonic()
+    text, last_scrape = lag.scrape(gateway.base_url)
+    windows["scrape"] = [(t0, time.monotonic() + 0.2)]  # the wake-up after a stall comes after it
+    time.sleep(SETTLE_SECONDS)
+    out["metrics_scrape_s_last"] = round(last_scrape, 3)
+    samples = loop_lag_samples(gateway)
+    out["loop_lag"] = {name: lag.summary(lag.in_windows(samples, w)) for name, w in windows.items()}
+    out["loop_lag_stalls"] = lag.stalls(samples, windows["idle"] + windows["c1"])  # the loop is not saturated
+    after = lag.buckets(text)
+    if before is not None and after is not None:
+        out["loop_lag_histogram_p99_ms"] = round(lag.quantile(before, after, 0.99) * 1000, 3)
     return out
 
 
-def measure_concurrent(targets: list[Subject], *, reps: int, seconds: float) -> dict[str, Any]:
-    """`reps` turns; in each, every target gets the same closed loop, in a rotated order."""
-    runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
-    for rep in range(reps):
-        shift = rep % len(targets)
-        for target in targets[shift:] + targets[:shift]:
-            cpu0, t0 = cpu_seconds(target.pid) or 0.0, time.perf_counter()
-            res = uvloop.run(
-                load.closed_loop(target.url, target.request, connections=CONCURRENCY, seconds=seconds)
-            )
-            cpu = (cpu_seconds(target.pid) or 0.0) - cpu0
-            wall = time.perf_counter() - t0
-            runs[target.name].append(
-                {
-                    "rps": round(res.rps, 1),
-                    "errors": res.errors,
-                    **summary_ms(res.latencies),
-                    "server_cpu_cores": round(cpu / wall, 2),
-                    "server_cpu_ms_per_request": round(1000 * cpu / max(res.completed, 1), 3),
-                }
-            )
-    return {"connections": CONCURRENCY, "seconds": seconds, "cpus": os.cpu_count(), "runs": runs}
-
-
-def _per_turn(conc: dict[str, Any], name: str, key: str) -> list[float]:
-    return [float(r[key]) for r in conc["runs"].get(name, [])]
-
-
-def _paired(conc: dict[str, Any], subject: str, baseline: str, key: str, *, ratio: bool) -> float:
-    """Median over turns of subject/baseline (or subject - baseline) measured in the same turn."""
-    pairs = zip(_per_turn(conc, subject, key), _per_turn(conc, baseline, key), strict=True)
-    return median([(a / b if b else float("nan")) if ratio else a - b for a, b in pairs])
-
-
-def rows(seq: dict[str, Any], conc: dict[str, Any], *, litellm_measured: bool) -> list[Row]:
-    return sequential_rows(seq) + concurrent_rows(conc, litellm_measured=litellm_measured)
-
-
-def sequential_rows(seq: dict[str, Any]) -> list[Row]:
-    plan = [
-        ("back_to_back", "gateway", 50, "", Target("<=", 1.0, "ms")),
-        ("back_to_back", "gateway", 99, "", Target("<=", 3.0, "ms")),
-        ("idle_gap", "gateway", 50, f", {IDLE_GAP * 1000:.0f} ms apart", None),
-        ("idle_gap", "gateway", 99, f", {IDLE_GAP * 1000:.0f} ms apart", None),
-        ("litellm", "litellm", 50, " (LiteLLM)", None),
-    ]
-    out = []
-    for run_name, name, q, label, target in plan:
-        if run_name not in seq:
-            continue
-        d, s, key = seq[run_name]["direct"], seq[run_name][name], f"p{q}_ms"
-        out.append(
-            Row(
-                NAME,
-                f"c=1 added latency p{q}{label}",
-                s[key] - d[key],
-                "ms",
-                baseline=f"direct {d[key]:.2f} ms",
-                subject=f"{name} {s[key]:.2f} ms",
-                target=target,
-                note=_sequential_note(s, name, with_cpu=run_name != "idle_gap") if q == 50 else "",
-            )
-        )
+def sequential(
+    direct: Subject,
+    subject: Subject,
+    *,
+    stream: bool,
+    seconds: float,
+    windows: list[tuple[float, float]] | None = None,
+) -> dict[str, Any]:
+    """One at a time for `seconds`, `direct` and `subject` interleaved request by request."""
+    requests = {t.name: (t.url, t.request(stream)) for t in (direct, subject)}
+    t0 = time.monotonic()
+    series = uvloop.run(load.interleaved(requests, rounds=10**9, time_limit=seconds, stream=stream))
+    if windows is not None:
+        windows.append((t0, time.monotonic()))
+    out: dict[str, Any] = {}
+    for name, s in series.items():
+        out[name] = {**summary_ms(s.latencies()), "errors": s.errors}
+        if stream:
+            ttfc = [r.time_to_first_event for r in s.replies]
+            out[name]["ttfc"] = summary_ms(ttfc)
+            out[name]["events_per_stream"] = min((r.events for r in s.replies), default=0)
     return out
 
 
-def _sequential_note(s: dict[str, Any], name: str, *, with_cpu: bool) -> str:
-    """Rounds and errors; the server's CPU per request only back to back, where its background
-    work (reaper ticks, usage flushes) is a small share of the time."""
-    note = f"{s['n']} interleaved rounds, {s['errors']} errors"
-    return note + (f"; {name} CPU {s['server_cpu_ms_per_request']:.2f} ms/request" if with_cpu else "")
-
-
-def concurrent_rows(conc: dict[str, Any], *, litellm_measured: bool) -> list[Row]:
-    gw_rps = median(_per_turn(conc, "gateway", "rps"))
-    turns = len(conc["runs"]["gateway"])
-    out = [
-        Row(
-            NAME,
-            f"c={CONCURRENCY} gateway RPS / direct RPS",
-            _paired(conc, "gateway", "direct", "rps", ratio=True),
-            "x",
-            baseline=f"direct {median(_per_turn(conc, 'direct', 'rps')):,.0f} rps",
-            subject=f"gateway {gw_rps:,.0f} rps",
-            note=f"median of {turns} turns; {conc['cpus']} CPUs shared by gateway, stub and load "
-            f"generator; gateway CPU {median(_per_turn(conc, 'gateway', 'server_cpu_ms_per_request')):.2f} "
-            "ms/request",
-        ),
-        Row(
-            NAME,
-            f"c={CONCURRENCY} added latency p50",
-            _paired(conc, "gateway", "direct", "p50_ms", ratio=False),
-            "ms",
-            baseline=f"direct {median(_per_turn(conc, 'direct', 'p50_ms')):.2f} ms",
-            subject=f"gateway {median(_per_turn(conc, 'gateway', 'p50_ms')):.2f} ms",
-        ),
-    ]
-    if litellm_measured:
-        lt_rps = median(_per_turn(conc, "litellm", "rps"))
-        lt_added = _paired(conc, "litellm", "direct", "p50_ms", ratio=False)
-        out.append(
-            Row(
-                NAME,
-                f"c={CONCURRENCY} gateway RPS / LiteLLM RPS",
-                _paired(conc, "gateway", "litellm", "rps", ratio=True),
-                "x",
-                baseline=f"litellm {lt_rps:,.0f} rps, +{lt_added:.0f} ms p50",
-                subject=f"gateway {gw_rps:,.0f} rps",
-                target=Target(">=", TARGET_RPS_RATIO, "x"),
-                note=f"LiteLLM (one worker) CPU "
-                f"{median(_per_turn(conc, 'litellm', 'server_cpu_ms_per_request')):.2f} ms/request",
-            )
+def concurrent(
+    ctx: Context, target: Subject, *, stream: bool, seconds: float, windows: list[tuple[float, float]] | None
+) -> dict[str, Any]:
+    """A closed loop of CONCURRENCY connections for `seconds` (wrk if installed)."""
+    t0 = time.monotonic()
+    if wrk.available():
+        res = wrk.run_wrk(
+            target.url,
+            PATH,
+            STREAM_BODY if stream else BODY,
+            connections=CONCURRENCY,
+            seconds=seconds,
+            workdir=ctx.workdir,
         )
+        out: dict[str, Any] = {"generator": "wrk", **res.as_json()}
     else:
-        out.append(
-            Row(
-                NAME,
-                f"c={CONCURRENCY} gateway RPS / LiteLLM RPS",
-                gw_rps / LITELLM_REFERENCE_RPS,
-                "x",
-                baseline=f"litellm {LITELLM_REFERENCE_RPS:.0f} rps (measured elsewhere)",
-                subject=f"gateway {gw_rps:,.0f} rps",
-                target=Target(">=", TARGET_RPS_RATIO, "x"),
-            )
+        log.warning("wrk is not installed (apt-get install wrk): the Python load generator is used at c=32")
+        r = uvloop.run(
+            load.closed_loop(target.url, target.request(stream), connections=CONCURRENCY, seconds=seconds)
         )
+        out = {"generator": "python", "rps": round(r.rps, 1), "errors": r.errors, **summary_ms(r.latencies)}
+    if windows is not None:
+        windows.append((t0, time.monotonic()))
     return out

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 
 from gateway import __version__
-from gateway.accounting.metrics import StateCollector
+from gateway.accounting.metrics import CostTotals, StateCollector
 from gateway.api import admin, meta
 from gateway.api.deps import require_admin_token
 from gateway.api.errors import install_error_handlers
@@ -78,8 +78,9 @@ def create_app(
     app.state.lease = rt.lease
     app.state.proxy = rt.proxy
     app.state.metrics = rt.metrics
-    app.state.scrape = meta.ScrapeState(rt.controller, rt.store)
-    rt.metrics.add_collector(StateCollector(app.state.scrape))
+    app.state.writer = rt.writer
+    app.state.scrape = meta.ScrapeState(rt.controller, CostTotals(rt.store, rt.writer, clock), rt.writer)
+    rt.metrics.add_collector(StateCollector(app.state.scrape, rt.metrics))
     install_error_handlers(app)
     app.include_router(openai_router(rt.gateway))
     app.include_router(admin.router)

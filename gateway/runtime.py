@@ -10,7 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.accounting.ledger import Ledger, PriceBook
-from gateway.accounting.metrics import Metrics
+from gateway.accounting.loop_lag import watch_loop_lag
+from gateway.accounting.metrics import KnownModel, Metrics, pick_known
 from gateway.accounting.usage import UsageRecorder
 from gateway.api.openai_routes import OpenAIGateway
 from gateway.clock import Clock, system_clock
@@ -25,6 +26,7 @@ from gateway.control.reaper import Reaper
 from gateway.control.reconcile import reconcile
 from gateway.proxy.upstream import Proxy
 from state import ModelRecord, Store
+from state.writer import Writer
 from tasks.local import LocalConfig, LocalProvider
 from tasks.provider import Provider
 
@@ -111,6 +113,7 @@ class Runtime:
     store: Store
     lease: ControllerLease
     metrics: Metrics
+    writer: Writer
     usage: UsageRecorder
     controller: Controller
     reaper: Reaper
@@ -135,9 +138,17 @@ class Runtime:
         store.create_all()
         provider = provider or build_provider(settings)
         lease = ControllerLease(store, clock, seconds=settings.controller_lease_seconds)
+        writer = Writer()  # database writes that need not hold the loop go through it
         metrics = Metrics()
         activity = Activity()
-        usage = UsageRecorder(store, metrics)
+        usage = UsageRecorder(
+            store,
+            metrics,
+            writer,
+            raw_rows=settings.usage.raw_rows,
+            retention_days=settings.usage.retention_days,
+            rollup_retention_days=settings.usage.rollup_retention_days,
+        )
         ctx = ControlContext(
             settings=settings,
             provider=FencedProvider(provider, lambda: lease.held),  # only the lease holder acts
@@ -147,6 +158,7 @@ class Runtime:
             catalog=catalog,
             ledger=Ledger(store, price_book(settings, provider.name), provider=provider.name),
             metrics=metrics,
+            writer=writer,
             new_id=new_id,
             instance_id=store.instance_id(),
             secret=gateway_secret(settings),
@@ -167,6 +179,7 @@ class Runtime:
             store=store,
             lease=lease,
             metrics=metrics,
+            writer=writer,
             usage=usage,
             controller=controller,
             reaper=Reaper(controller, usage, settings),
@@ -188,11 +201,13 @@ class Runtime:
         await self._check_failsafe()
         await reconcile(self.controller, catalog, unknown=self.settings.reconcile_unknown)
         # Series that exist from the start: Prometheus' increase() ignores a series' first sample.
-        for spec in catalog.specs.values():
-            if not spec.external:
-                for phase in ("launching", "loading", "total"):
-                    self.metrics.cold_start.labels(model=spec.id, phase=phase)
+        self.metrics.known(known_models(catalog, store, self.settings.metrics_known_models))
         self._tasks.append(self.reaper.start())
+        self._tasks.append(asyncio.create_task(watch_loop_lag(self.metrics.loop_lag), name="loop lag"))
+        flush = self.settings.usage.flush_seconds
+        self._tasks.append(
+            asyncio.create_task(self.usage.run(flush, self.controller.clock), name="usage flush")
+        )
         log.info("gateway ready: %d models, provider %s", len(catalog.specs), self.provider.name)
 
     async def _check_failsafe(self) -> None:
@@ -229,10 +244,22 @@ class Runtime:
             self.usage.flush,
             self.proxy.close,
             self.provider.close,
+            self.writer.close,
         ):
             await _guarded(step)
         self.store.close()
         log.info("gateway stopped")
+
+
+def known_models(catalog: Catalog, store: Store, limit: int) -> list[KnownModel]:
+    """The models whose series exist from startup (see `Metrics.known`)."""
+    specs = list(catalog.specs.values())
+    models = [KnownModel(s.id, s.kind, launchable=not s.external) for s in specs]
+    if len(models) <= limit:
+        return models
+    return pick_known(
+        models, last_used=store.models_last_used(), priority={s.id: s.priority for s in specs}, limit=limit
+    )
 
 
 async def _guarded(step: Callable[[], object]) -> None:

@@ -2,13 +2,12 @@
 
 from state.machine import ALLOWED, TERMINAL, DeploymentState, InvalidTransition
 from state.store import Store
-from state.tables import CostInterval, CostTotalRow, Deployment, Event, ModelRecord, Usage
+from state.tables import CostInterval, Deployment, Event, ModelRecord, Usage
 
 __all__ = [
     "ALLOWED",
     "TERMINAL",
     "CostInterval",
-    "CostTotalRow",
     "Deployment",
     "DeploymentState",
     "Event",

@@ -12,26 +12,33 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, event, func, insert, or_, update
-from sqlalchemy import select as core_select
+from sqlalchemy import Engine, bindparam, case, event, func, insert, literal, or_, update
 from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ColumnElement
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.types import Float
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from state.machine import TERMINAL, TIMESTAMP_COLUMN, DeploymentState, check_transition
 from state.tables import (
     ControllerLease,
     CostInterval,
-    CostTotalRow,
     Deployment,
     Event,
     Installation,
     ModelRecord,
-    Usage,
+    UTCDateTime,
     utcnow,
 )
+from state.usage_store import UsageStore
+
+# Indexes of tables that existed before them.
+ADDED_INDEXES = [i for i in CostInterval.__table__.indexes if i.name == "ix_cost_ended"]  # type: ignore[attr-defined]
 
 # How long a SQLite connection waits for a lock held by another writer before failing.
 SQLITE_BUSY_TIMEOUT_MS = 5000
@@ -56,84 +63,78 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-@dataclass(frozen=True)
-class IntervalChange:
-    """One cost-ledger change: open a new interval (closing the deployment's open one at its
-    start), or relabel the open one's phase."""
+class SecondsBetween(FunctionElement[float]):
+    """Seconds from the first timestamp to the second, computed by the database."""
 
-    deployment_id: str
-    open: CostInterval | None = None
-    relabel: str | None = None
+    type = Float()
+    inherit_cache = True
 
-
-class CostTotal(NamedTuple):
-    dollars: float
-    gpu_seconds: float
+    def __init__(self, start: ColumnElement[datetime], end: ColumnElement[datetime]) -> None:
+        super().__init__(start, end)
 
 
-CostTotals = dict[tuple[str, str], CostTotal]  # by (model, phase)
-
-# What `_roll_up` needs of an interval, as RETURNING columns of the statements that change one.
-_COST_COLUMNS = (
-    col(CostInterval.model),
-    col(CostInterval.phase),
-    col(CostInterval.gpus),
-    col(CostInterval.hourly_price),
-    col(CostInterval.started_at),
-    col(CostInterval.ended_at),
-)
+def _sqlite_epoch(compiler: SQLCompiler, expr: Any) -> tuple[str, str]:
+    """Whole seconds and the fraction of a timestamp as SQLAlchemy stores it in SQLite
+    ('YYYY-MM-DD HH:MM:SS.ffffff'): exact to the microsecond, unlike julianday()."""
+    text = compiler.process(expr)
+    return f"CAST(strftime('%s', {text}) AS INTEGER)", f"CAST(substr({text}, 20) AS REAL)"
 
 
-def _add(totals: CostTotals, key: tuple[str, str], seconds: float, gpus: int, price: float) -> None:
-    before = totals.get(key, CostTotal(0.0, 0.0))
-    totals[key] = CostTotal(before.dollars + seconds / 3600 * price, before.gpu_seconds + seconds * gpus)
+@compiles(SecondsBetween, "sqlite")
+def _seconds_sqlite(element: SecondsBetween, compiler: SQLCompiler, **kw: Any) -> str:
+    start, end = list(element.clauses)
+    (s_int, s_frac), (e_int, e_frac) = _sqlite_epoch(compiler, start), _sqlite_epoch(compiler, end)
+    return f"(({e_int} - {s_int}) + ({e_frac} - {s_frac}))"
 
 
-def _sum_closed(rows: Iterable[Any], *, sign: float = 1.0, phase: str | None = None) -> CostTotals:
-    """Totals of the closed intervals among `rows` (of `_COST_COLUMNS`), under `phase` if given."""
-    out: CostTotals = {}
-    for model, row_phase, gpus, price, start, end in rows:
-        if end is not None:
-            _add(
-                out, (model, phase or row_phase), sign * max((end - start).total_seconds(), 0.0), gpus, price
-            )
+@compiles(SecondsBetween, "postgresql")
+def _seconds_postgresql(element: SecondsBetween, compiler: SQLCompiler, **kw: Any) -> str:
+    start, end = list(element.clauses)
+    return f"EXTRACT(EPOCH FROM ({compiler.process(end)} - {compiler.process(start)}))"
+
+
+_SECONDS_DIALECTS = ("sqlite", "postgresql")
+
+
+def _totals_in_python(
+    intervals: Iterable[CostInterval], now: datetime
+) -> dict[tuple[str, str], tuple[float, float]]:
+    out: dict[tuple[str, str], tuple[float, float]] = {}
+    for i in intervals:
+        seconds = max(((i.ended_at or now) - i.started_at).total_seconds(), 0.0)
+        gpu_s, dollars = out.get((i.model, i.phase), (0.0, 0.0))
+        out[(i.model, i.phase)] = (gpu_s + seconds * i.gpus, dollars + seconds / 3600 * i.hourly_price)
     return out
 
 
-def _roll_up(conn: Connection, delta: CostTotals) -> None:
-    """Add `delta` to the cost_totals table (one row per model and phase)."""
-    table = CostTotalRow.__table__  # type: ignore[attr-defined]
-    for (model, phase), d in delta.items():
-        key = (table.c.model == model, table.c.phase == phase)
-        added = conn.execute(
-            update(table)
-            .where(*key)
-            .values(dollars=table.c.dollars + d.dollars, gpu_seconds=table.c.gpu_seconds + d.gpu_seconds)
-        )
-        if added.rowcount == 0:
-            conn.execute(
-                insert(table).values(model=model, phase=phase, dollars=d.dollars, gpu_seconds=d.gpu_seconds)
-            )
+_COST = CostInterval.__table__  # type: ignore[attr-defined]
+_OPEN_OF = (_COST.c.deployment_id == bindparam("b_dep"), _COST.c.ended_at.is_(None))
+_CLOSE_OPEN = update(_COST).where(*_OPEN_OF).values(ended_at=bindparam("b_at", type_=UTCDateTime()))
+_RELABEL_OPEN = update(_COST).where(*_OPEN_OF).values(phase=bindparam("b_phase"))
 
 
-class Store:
+@dataclass(frozen=True)
+class IntervalChange:
+    """One cost-ledger change: open a new interval (closing the deployment's open one at its
+    start), or relabel the open one's phase. `open` holds the new row's columns (plain values:
+    a tick may open 1,000 intervals, and ORM objects cost ~50 us each to build)."""
+
+    deployment_id: str
+    open: Mapping[str, Any] | None = None
+    relabel: str | None = None
+
+
+class Store(UsageStore):
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
 
     def create_all(self) -> None:
+        """Create missing tables, and the indexes added since a table was first created (no
+        migrations yet: create_all alone skips the indexes of an existing table)."""
         SQLModel.metadata.create_all(self.engine)
-        for index in CostInterval.__table__.indexes:  # type: ignore[attr-defined]
-            index.create(self.engine, checkfirst=True)  # added after the table was: create_all skips it
-        self._backfill_cost_totals()
-
-    def _backfill_cost_totals(self) -> None:
-        """A database from before the cost_totals table: sum its closed intervals, once."""
-        with self.engine.begin() as conn:
-            if conn.execute(select(CostTotalRow).limit(1)).first() is not None:
-                return
-            closed = core_select(*_COST_COLUMNS).where(col(CostInterval.ended_at).is_not(None))
-            _roll_up(conn, _sum_closed(conn.execution_options(yield_per=10_000).execute(closed)))
+        for index in ADDED_INDEXES:
+            index.create(self.engine, checkfirst=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -208,6 +209,13 @@ class Store:
                 if kept:
                     out[row.id] = kept
         return out
+
+    def models_last_used(self) -> dict[str, datetime]:
+        with Session(self.engine) as s:
+            q = select(ModelRecord.id, ModelRecord.last_used_at).where(
+                col(ModelRecord.last_used_at).is_not(None)
+            )
+            return {model: at for model, at in s.exec(q) if at is not None}
 
     def get_model(self, model_id: str) -> ModelRecord | None:
         with Session(self.engine) as s:
@@ -327,25 +335,25 @@ class Store:
 
     def open_interval(self, interval: CostInterval) -> None:
         """Close the deployment's open interval (if any) at the new one's start, then open it."""
-        self.change_intervals([IntervalChange(deployment_id=interval.deployment_id, open=interval)])
+        row = interval.model_dump(exclude={"id"})
+        self.change_intervals([IntervalChange(deployment_id=interval.deployment_id, open=row)])
 
     def change_intervals(self, changes: Iterable[IntervalChange]) -> None:
-        """Apply ledger changes in one transaction: first close or relabel the open intervals
-        (adding what they cost to the totals), then insert the new ones in one statement (a
-        deployment has at most one change)."""
-        inserts = []
+        """Apply ledger changes in one transaction: first close or relabel the open intervals,
+        then insert the new ones, one statement each (executemany: a tick may change 1,000
+        deployments; a deployment has at most one change)."""
+        closes, relabels, inserts = [], [], []
+        for change in changes:
+            if change.open is not None:
+                closes.append({"b_dep": change.deployment_id, "b_at": change.open["started_at"]})
+                inserts.append(dict(change.open))
+            elif change.relabel is not None:
+                relabels.append({"b_dep": change.deployment_id, "b_phase": change.relabel})
         with self.engine.begin() as conn:  # core statements: no ORM session to synchronise
-            for change in changes:
-                is_open = (
-                    col(CostInterval.deployment_id) == change.deployment_id,
-                    col(CostInterval.ended_at).is_(None),
-                )
-                if change.open is not None:
-                    closing = update(CostInterval).where(*is_open).values(ended_at=change.open.started_at)
-                    _roll_up(conn, _sum_closed(conn.execute(closing.returning(*_COST_COLUMNS))))
-                    inserts.append(change.open.model_dump(exclude={"id"}))
-                elif change.relabel is not None:
-                    conn.execute(update(CostInterval).where(*is_open).values(phase=change.relabel))
+            if closes:
+                conn.execute(_CLOSE_OPEN, closes)
+            if relabels:
+                conn.execute(_RELABEL_OPEN, relabels)
             if inserts:
                 conn.execute(insert(CostInterval), inserts)
 
@@ -353,16 +361,20 @@ class Store:
         self, deployment_id: str, *, at: datetime, relabel: dict[str, str] | None = None
     ) -> None:
         """Close the deployment's open interval; `relabel` renames phases of all its intervals
-        (a failed launch turns its cold time into failed time). The totals follow."""
-        of_deployment = col(CostInterval.deployment_id) == deployment_id
-        with self.engine.begin() as conn:
-            closing = update(CostInterval).where(of_deployment, col(CostInterval.ended_at).is_(None))
-            _roll_up(conn, _sum_closed(conn.execute(closing.values(ended_at=at).returning(*_COST_COLUMNS))))
+        (a failed launch turns its cold time into failed time)."""
+        with Session(self.engine) as s:
+            s.exec(
+                update(CostInterval)
+                .where(col(CostInterval.deployment_id) == deployment_id, col(CostInterval.ended_at).is_(None))
+                .values(ended_at=at)
+            )
             for old, new in (relabel or {}).items():
-                renaming = update(CostInterval).where(of_deployment, col(CostInterval.phase) == old)
-                moved = conn.execute(renaming.values(phase=new).returning(*_COST_COLUMNS)).all()
-                _roll_up(conn, _sum_closed(moved, sign=-1.0, phase=old))
-                _roll_up(conn, _sum_closed(moved))
+                s.exec(
+                    update(CostInterval)
+                    .where(col(CostInterval.deployment_id) == deployment_id, col(CostInterval.phase) == old)
+                    .values(phase=new)
+                )
+            s.commit()
 
     def update_open_interval(self, deployment_id: str, **fields: Any) -> None:
         with Session(self.engine) as s:
@@ -374,9 +386,10 @@ class Store:
             s.commit()
 
     def delete_intervals(self, deployment_id: str) -> None:
-        with self.engine.begin() as conn:
-            deleting = delete(CostInterval).where(col(CostInterval.deployment_id) == deployment_id)
-            _roll_up(conn, _sum_closed(conn.execute(deleting.returning(*_COST_COLUMNS)), sign=-1.0))
+        with Session(self.engine) as s:
+            for row in s.exec(select(CostInterval).where(col(CostInterval.deployment_id) == deployment_id)):
+                s.delete(row)
+            s.commit()
 
     def check_open_intervals(self, at: datetime) -> None:
         with Session(self.engine) as s:
@@ -399,19 +412,23 @@ class Store:
                 q = q.where(or_(col(CostInterval.ended_at).is_(None), col(CostInterval.ended_at) > since))
             return list(s.exec(q))
 
-    def cost_totals(self, now: datetime) -> CostTotals:
-        """Dollars and GPU-seconds by (model, phase) over all time, open intervals up to `now`
-        (what `gateway.accounting.costs.totals` computes from every interval). Reads one row per
-        model and phase, plus the open intervals (one per live deployment)."""
+    def cost_totals(self, now: datetime) -> dict[tuple[str, str], tuple[float, float]]:
+        """(GPU-seconds, dollars) by (model, phase) over all intervals, open ones up to `now`:
+        summed by the database (one aggregate query, no rows loaded)."""
+        if self.engine.dialect.name not in _SECONDS_DIALECTS:
+            return _totals_in_python(self.intervals(), now)
+        t = CostInterval.__table__  # type: ignore[attr-defined]
+        end = func.coalesce(t.c.ended_at, literal(now, UTCDateTime()))
+        raw = SecondsBetween(t.c.started_at, end)
+        seconds = case((raw > 0, raw), else_=0.0)
+        q = select(
+            t.c.model,
+            t.c.phase,
+            func.sum(seconds * t.c.gpus),
+            func.sum(seconds * t.c.hourly_price / 3600.0),
+        ).group_by(t.c.model, t.c.phase)
         with self.engine.connect() as conn:
-            totals = {
-                (r.model, r.phase): CostTotal(max(r.dollars, 0.0), max(r.gpu_seconds, 0.0))
-                for r in conn.execute(select(CostTotalRow))
-            }
-            still_open = conn.execute(core_select(*_COST_COLUMNS).where(col(CostInterval.ended_at).is_(None)))
-            for model, phase, gpus, price, start, _ in still_open:
-                _add(totals, (model, phase), max((now - start).total_seconds(), 0.0), gpus, price)
-        return totals
+            return {(m, p): (float(g or 0.0), float(d or 0.0)) for m, p, g, d in conn.execute(q)}
 
     # -- controller lease -----------------------------------------------------------------
 
@@ -452,28 +469,3 @@ class Store:
             if row is not None and row.holder == holder:
                 s.delete(row)
                 s.commit()
-
-    def add_usage(self, rows: Iterable[Usage | Mapping[str, Any]]) -> int:
-        """Insert usage rows in one statement (executemany): they come in batches of thousands."""
-        values = [r.model_dump(exclude={"id"}) if isinstance(r, Usage) else dict(r) for r in rows]
-        if values:
-            with Session(self.engine) as s:
-                s.execute(insert(Usage), values)
-                s.commit()
-        return len(values)
-
-    def usage(self, *, since: datetime | None = None, until: datetime | None = None) -> list[Usage]:
-        with Session(self.engine) as s:
-            q = select(Usage).order_by(col(Usage.at), col(Usage.id))
-            if since is not None:
-                q = q.where(col(Usage.at) >= since)
-            if until is not None:
-                q = q.where(col(Usage.at) < until)
-            return list(s.exec(q))
-
-    def usage_count(self, *, model: str | None = None) -> int:
-        with Session(self.engine) as s:
-            q = select(func.count()).select_from(Usage)
-            if model is not None:
-                q = q.where(col(Usage.model) == model)
-            return int(s.exec(q).one())

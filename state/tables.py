@@ -110,7 +110,8 @@ class CostInterval(SQLModel, table=True):
     __tablename__ = "cost_intervals"
     __table_args__ = (
         Index("ix_cost_open", "deployment_id", "ended_at"),
-        Index("ix_cost_ended", "ended_at"),  # the open ones (ended_at IS NULL) without a scan
+        # The open intervals (ended_at NULL) of every deployment: checked at each tick.
+        Index("ix_cost_ended", "ended_at"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -124,19 +125,6 @@ class CostInterval(SQLModel, table=True):
     started_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))
     ended_at: datetime | None = _ts()
     checked_at: datetime | None = _ts()
-
-
-class CostTotalRow(SQLModel, table=True):
-    """Dollars and GPU-seconds of the closed cost intervals, by model and phase, kept by the
-    store in the same transaction as each change of a closed interval (close, relabel, delete),
-    so /metrics reads a row per model and phase instead of every interval ever."""
-
-    __tablename__ = "cost_totals"
-
-    model: str = Field(primary_key=True, max_length=256)
-    phase: str = Field(primary_key=True, max_length=16)
-    dollars: float = 0.0
-    gpu_seconds: float = 0.0
 
 
 class ControllerLease(SQLModel, table=True):
@@ -159,7 +147,9 @@ class Installation(SQLModel, table=True):
 
 
 class Usage(SQLModel, table=True):
-    """One row per proxied request."""
+    """One row per proxied request: optional (`usage.raw_rows`), pruned after
+    `usage.retention_days`. The durable record is `UsageMinute`. (No `api_key_id` column here
+    yet: existing databases have no migrations, see issue 12.)"""
 
     __tablename__ = "usage"
 
@@ -173,3 +163,66 @@ class Usage(SQLModel, table=True):
     latency_ms: float
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+
+
+# Upper bounds (milliseconds) of the request-latency buckets kept per minute: the same edges as
+# the gateway's `llmgw_request_duration_seconds` histogram. Counts are per bucket (not
+# cumulative); the last column counts the requests slower than the last bound.
+LATENCY_BOUNDS_MS = (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000)
+LATENCY_COLUMNS = (
+    "lat_10ms",
+    "lat_25ms",
+    "lat_50ms",
+    "lat_100ms",
+    "lat_250ms",
+    "lat_500ms",
+    "lat_1s",
+    "lat_2_5s",
+    "lat_5s",
+    "lat_10s",
+    "lat_30s",
+    "lat_60s",
+    "lat_120s",
+    "lat_300s",
+    "lat_inf",
+)
+# The columns that identify a rollup row; the others are sums.
+USAGE_KEY_COLUMNS = ("minute", "model", "path", "status", "stream", "api_key_id")
+USAGE_SUM_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "latency_ms_sum", *LATENCY_COLUMNS)
+
+
+class UsageMinute(SQLModel, table=True):
+    """Requests of one minute, per model, endpoint, status, streamed or not and API key: the
+    durable usage record (costs, dashboards and the S3 export read it). Rows are added to at
+    every flush; readers sum over the key, so a second row for the same key (two gateways
+    flushing the same minute) changes nothing."""
+
+    __tablename__ = "usage_minutes"
+    __table_args__ = (Index("ix_usage_minutes_key", "minute", "model", "status"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    minute: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))  # start of the minute
+    model: str = Field(index=True, max_length=256)
+    path: str = Field(max_length=64)
+    status: int
+    stream: bool = False
+    api_key_id: str | None = Field(default=None, max_length=64)  # None: a request without a key
+    requests: int = 0
+    prompt_tokens: int = 0  # as reported by the engines (requests without usage add nothing)
+    completion_tokens: int = 0
+    latency_ms_sum: float = 0.0
+    lat_10ms: int = 0
+    lat_25ms: int = 0
+    lat_50ms: int = 0
+    lat_100ms: int = 0
+    lat_250ms: int = 0
+    lat_500ms: int = 0
+    lat_1s: int = 0
+    lat_2_5s: int = 0
+    lat_5s: int = 0
+    lat_10s: int = 0
+    lat_30s: int = 0
+    lat_60s: int = 0
+    lat_120s: int = 0
+    lat_300s: int = 0
+    lat_inf: int = 0

@@ -46,6 +46,7 @@ def make_settings(tmp_path: Path, models: dict[str, Any] | None = None, **overri
         "model_reference": write_reference(tmp_path, models),
         "local": {"gpu_ids": ["0"]},
         "reaper_interval_seconds": 3600,  # tests call tick() themselves
+        "usage": {"flush_seconds": 3600},  # tests flush usage themselves (tick() does too)
         "after_hours": None,  # tests that want it set it
         "admin_token": ADMIN_TOKEN,
     }

@@ -1,8 +1,11 @@
 """Daily export of usage and cost records to S3, for Athena/QuickSight-style dashboards.
 
 Objects are laid out Hive-style, one folder per UTC day:
-    s3://<bucket>/<prefix>/usage/date=YYYY-MM-DD/usage.csv
-    s3://<bucket>/<prefix>/costs/date=YYYY-MM-DD/costs.csv
+    s3://<bucket>/<prefix>/usage/date=YYYY-MM-DD/usage.csv   (per-minute rollups)
+    s3://<bucket>/<prefix>/costs/date=YYYY-MM-DD/costs.csv   (cost intervals clipped to the day)
+A usage row is one minute of one model, endpoint, status, stream flag and API key: requests,
+tokens, the latency sum and the count per latency bucket (`lat_<bound>`, not cumulative), so a
+day is at most a few thousand rows per model whatever the traffic.
 Only finished days are exported, and their content is deterministic (sorted rows, fixed
 columns), so a re-run writes nothing new: an object whose MD5 (its ETag) already matches is
 left alone. Credentials come from the standard AWS chain (boto3).
@@ -19,20 +22,23 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from state import CostInterval, Store, Usage
+from state import CostInterval, Store
+from state.tables import LATENCY_COLUMNS, UsageMinute
 
 log = logging.getLogger(__name__)
 
 USAGE_COLUMNS = [
-    "at",
+    "minute",
     "model",
-    "deployment_id",
     "path",
     "status",
     "stream",
-    "latency_ms",
+    "api_key_id",
+    "requests",
     "prompt_tokens",
     "completion_tokens",
+    "latency_ms_sum",
+    *LATENCY_COLUMNS,
 ]
 COST_COLUMNS = [
     "model",
@@ -76,21 +82,29 @@ def _csv(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> bytes:
     return out.getvalue().encode()
 
 
-def usage_rows(rows: Iterable[Usage]) -> list[dict[str, Any]]:
-    return [
-        {
-            "at": u.at.isoformat(),
-            "model": u.model,
-            "deployment_id": u.deployment_id or "",
-            "path": u.path,
-            "status": u.status,
-            "stream": str(u.stream).lower(),
-            "latency_ms": u.latency_ms,
-            "prompt_tokens": "" if u.prompt_tokens is None else u.prompt_tokens,
-            "completion_tokens": "" if u.completion_tokens is None else u.completion_tokens,
-        }
-        for u in sorted(rows, key=lambda u: (u.at, u.id or 0))
-    ]
+def usage_rows(rows: Iterable[UsageMinute]) -> list[dict[str, Any]]:
+    """The CSV rows of rollups, in key order; several rows of one key (two gateways flushed the
+    same minute) become one."""
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for u in rows:
+        key = (u.minute, u.model, u.path, u.status, u.stream, u.api_key_id or "")
+        row = merged.get(key)
+        if row is None:
+            merged[key] = {
+                "minute": u.minute.isoformat(),
+                "model": u.model,
+                "path": u.path,
+                "status": u.status,
+                "stream": str(u.stream).lower(),
+                "api_key_id": u.api_key_id or "",
+                **{c: getattr(u, c) for c in USAGE_COLUMNS[6:]},
+            }
+        else:
+            for c in USAGE_COLUMNS[6:]:
+                row[c] += getattr(u, c)
+    for row in merged.values():
+        row["latency_ms_sum"] = round(row["latency_ms_sum"], 3)
+    return [merged[k] for k in sorted(merged)]
 
 
 def cost_rows(intervals: Iterable[CostInterval], day: date) -> list[dict[str, Any]]:
@@ -135,7 +149,7 @@ def _put_if_changed(s3: Any, bucket: str, key: str, body: bytes) -> bool:
 
 def export_day(store: Store, s3: Any, *, bucket: str, prefix: str, day: date) -> list[Exported]:
     start, end = day_bounds(day)
-    usage = usage_rows(store.usage(since=start, until=end))
+    usage = usage_rows(store.usage_minutes(since=start, until=end))
     costs = cost_rows(store.intervals(since=start, until=end), day)
     base = prefix.strip("/")
     results = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 
-from state import CostInterval, DeploymentState, Store
+from state import DeploymentState, Store
 from state.store import IntervalChange
 from tasks.provider import ClusterRef
 
@@ -121,20 +121,19 @@ class Ledger:
         cluster, gpus, price = self._price.get(deployment_id, (None, 0, 0.0))
         self._phase[deployment_id] = phase
         self._start[deployment_id] = at
-        return IntervalChange(
-            deployment_id=deployment_id,
-            open=CostInterval(
-                deployment_id=deployment_id,
-                model=model,
-                cluster=cluster,
-                provider=self.provider,
-                phase=phase,
-                gpus=gpus,
-                hourly_price=price,
-                started_at=at,
-                checked_at=at,
-            ),
-        )
+        row = {
+            "deployment_id": deployment_id,
+            "model": model,
+            "cluster": cluster,
+            "provider": self.provider,
+            "phase": phase,
+            "gpus": gpus,
+            "hourly_price": price,
+            "started_at": at,
+            "ended_at": None,
+            "checked_at": at,
+        }
+        return IntervalChange(deployment_id=deployment_id, open=row)
 
     def _forget(self, deployment_id: str) -> None:
         self._phase.pop(deployment_id, None)

@@ -1,28 +1,67 @@
 """Prometheus metrics, in a registry of the app's own (never the global one).
 
 Request metrics are updated on the request path (a counter increment and two histogram
-observations, microseconds); state gauges and cost totals are computed when /metrics is
-scraped, by a collector that reads the controller and the cost ledger.
+observations, microseconds); state gauges and cost totals are read when /metrics is scraped,
+by a collector that reads a snapshot taken by the scrape (costs: summed by the database off
+the loop and cached, see `CostTotals`).
+
+Series that exist from startup (`Metrics.known`): the requests, tokens, waiting requests, cost
+and cold-start series of the known models, at zero, so that panels show 0 rather than "no data"
+before the first request, and so that Prometheus' increase() counts the first event of a
+series (it ignores a series' first sample). Quantiles of latency histograms need traffic to be
+defined: those series appear with the first request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway.accounting.ledger import PHASES
+from state import TERMINAL, DeploymentState, Store
+from state.tables import LATENCY_BOUNDS_MS
+from state.writer import Writer
+
 # Latency buckets in seconds: sub-millisecond for the gateway's own overhead, minutes for LLMs.
 OVERHEAD_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+LATENCY_BUCKETS = tuple(ms / 1000 for ms in LATENCY_BOUNDS_MS)  # the usage rollups' buckets
 COLD_START_BUCKETS = (1, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 900, 1800)
+LOOP_LAG_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+log = logging.getLogger(__name__)
+
+COLD_START_PHASES = ("launching", "loading", "total")
+LIVE_STATES = tuple(s.value for s in DeploymentState if s not in TERMINAL)
+PATH_OF_KIND = {
+    "chat": "/v1/chat/completions",
+    "completion": "/v1/completions",
+    "embedding": "/v1/embeddings",
+}
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    id: str
+    kind: str = "chat"
+    launchable: bool = True  # False: an external endpoint (no cold start, no cost)
 
 
 class Metrics:
     def __init__(self) -> None:
+        # `_created` series (a second family per metric) are of no use to Prometheus' text format,
+        # and they would stop /metrics from being written in slices (see exposition.py).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
+        self.known_models: tuple[KnownModel, ...] = ()
+        self._collectors: list[Collector] = []
         self.requests = Counter(
             "llmgw_requests",
             "Requests by model, endpoint and HTTP status.",
@@ -57,47 +96,140 @@ class Metrics:
             ["model", "kind"],
             registry=self.registry,
         )
+        self.loop_lag = Histogram(
+            "llmgw_event_loop_lag_seconds",
+            "How late a periodic wake-up of the event loop ran: time every request waited meanwhile.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=self.registry,
+        )
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
+        self._collectors.append(collector)
+
+    def collectors(self) -> list[Collector]:
+        """Everything the registry holds, in its order (for `exposition.render`)."""
+        return [
+            self.requests,
+            self.latency,
+            self.overhead,
+            self.cold_start,
+            self.tokens,
+            self.loop_lag,
+            *self._collectors,
+        ]
+
+    def known(self, models: Iterable[KnownModel]) -> None:
+        """Create the series of these models at zero (see the module docstring)."""
+        self.known_models = tuple(models)
+        for m in self.known_models:
+            self.requests.labels(
+                model=m.id, path=PATH_OF_KIND.get(m.kind, PATH_OF_KIND["chat"]), status="200"
+            )
+            for kind in ("prompt", "completion"):
+                self.tokens.labels(model=m.id, kind=kind)
+            if m.launchable:
+                for phase in COLD_START_PHASES:
+                    self.cold_start.labels(model=m.id, phase=phase)
+
+
+def pick_known(
+    models: Iterable[KnownModel], *, last_used: dict[str, datetime], priority: dict[str, int], limit: int
+) -> list[KnownModel]:
+    """At most `limit` models: the most recently used first, then by priority, then by id. Every
+    series costs at each scrape; a reference of 10,000 models cannot have them all."""
+
+    def rank(m: KnownModel) -> tuple[bool, float, int, str]:
+        used = last_used.get(m.id)
+        return (used is None, -used.timestamp() if used else 0.0, -priority.get(m.id, 0), m.id)
+
+    return sorted(models, key=rank)[:limit]
+
+
+class CostTotals:
+    """(GPU-seconds, dollars) by (model, phase) for /metrics: summed by the database in a job
+    of the writer (so no cost row is read on the loop), cached for `max_age` seconds."""
+
+    def __init__(self, store: Store, writer: Writer, clock: Callable[[], datetime], max_age: float = 10.0):
+        self.store = store
+        self.writer = writer
+        self.clock = clock
+        self.max_age = max_age
+        self.value: dict[tuple[str, str], tuple[float, float]] = {}
+        self._at = -float("inf")
+        self._refresh: asyncio.Task[None] | None = None
+
+    async def get(self) -> dict[tuple[str, str], tuple[float, float]]:
+        """The cached totals, refreshed first when older than `max_age` (concurrent scrapes
+        share one refresh; a failed refresh keeps the previous totals)."""
+        if time.monotonic() - self._at > self.max_age:
+            if self._refresh is None:
+                self._refresh = asyncio.create_task(self._load())
+            await asyncio.shield(self._refresh)
+        return self.value
+
+    async def _load(self) -> None:
+        try:
+            self.value = await self.writer.run(self.store.cost_totals, self.clock())
+            self._at = time.monotonic()
+        except Exception as exc:
+            log.error("cost totals for /metrics: %s: %s", type(exc).__name__, exc)
+        finally:
+            self._refresh = None
 
 
 class StateCollector(Collector):
-    """Gauges read at scrape time: deployments by state, GPUs in use, waiting requests, cost."""
+    """Gauges read at scrape time: deployments by state, GPUs in use, waiting requests, cost.
+    `read` returns a snapshot taken on the loop; the known models' series are always there."""
 
-    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, read: Callable[[], dict[str, Any]], metrics: Metrics) -> None:
         self._read = read
+        self._metrics = metrics
 
     def describe(self) -> Iterator[Any]:
         return iter(())  # families are only known at collect time
 
     def collect(self) -> Iterator[Any]:
         state = self._read()
+        known = self._metrics.known_models
         deployments = GaugeMetricFamily("llmgw_deployments", "Live deployments by state.", labels=["state"])
-        for name, count in sorted(state["deployments"].items()):
+        by_state = {name: 0 for name in LIVE_STATES} | state["deployments"]
+        for name, count in sorted(by_state.items()):
             deployments.add_metric([name], count)
         yield deployments
         yield GaugeMetricFamily(
             "llmgw_gpus_in_use", "GPUs held by live deployments.", value=state["gpus_in_use"]
         )
+        yield GaugeMetricFamily(
+            "llmgw_db_writes_pending",
+            "Jobs queued for the database writer (usage, last-used times, ...) and not done yet.",
+            value=state["writes_pending"],
+        )
         waiting = GaugeMetricFamily(
             "llmgw_waiting_requests", "Requests waiting for a model's engine to start.", labels=["model"]
         )
-        for model, count in sorted(state["waiting"].items()):
+        for model, count in sorted(({m.id: 0 for m in known} | state["waiting"]).items()):
             waiting.add_metric([model], count)
         yield waiting
-        cost = CounterMetricFamily(
-            "llmgw_cost_dollars",
-            "Dollars spent on GPUs by model and phase (cold, serving, idle, failed).",
-            labels=["model", "phase"],
-        )
-        gpu_seconds = CounterMetricFamily(
-            "llmgw_gpu_seconds",
-            "GPU-seconds held by model and phase (cold, serving, idle, failed).",
-            labels=["model", "phase"],
-        )
-        for (model, phase), (seconds, dollars) in sorted(state["costs"].items()):
-            cost.add_metric([model, phase], dollars)
-            gpu_seconds.add_metric([model, phase], seconds)
-        yield cost
-        yield gpu_seconds
+        yield from _cost_families(state["costs"], [m.id for m in known if m.launchable])
+
+
+def _cost_families(
+    costs: dict[tuple[str, str], tuple[float, float]], known: list[str]
+) -> Iterator[CounterMetricFamily]:
+    cost = CounterMetricFamily(
+        "llmgw_cost_dollars",
+        "Dollars spent on GPUs by model and phase (cold, serving, idle, failed).",
+        labels=["model", "phase"],
+    )
+    gpu_seconds = CounterMetricFamily(
+        "llmgw_gpu_seconds",
+        "GPU-seconds held by model and phase (cold, serving, idle, failed).",
+        labels=["model", "phase"],
+    )
+    zeros = {(model, phase): (0.0, 0.0) for model in known for phase in PHASES}
+    for (model, phase), (seconds, dollars) in sorted((zeros | costs).items()):
+        cost.add_metric([model, phase], dollars)
+        gpu_seconds.add_metric([model, phase], seconds)
+    yield cost
+    yield gpu_seconds

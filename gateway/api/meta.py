@@ -1,8 +1,8 @@
 """/health, /metrics and /v1/models.
 
 /metrics reads what is proportional to the models: the controller's memory (on the loop) and
-the store's cost totals, one row per model and phase plus the open intervals (in a worker
-thread, so a slow database never stalls proxying)."""
+the cost totals, summed by the database in a job of the writer and cached (so no cost row is
+read on the loop); the text is rendered in slices so the loop runs between them."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.accounting.metrics import Metrics
+from gateway.accounting.exposition import render
+from gateway.accounting.metrics import CostTotals, Metrics
 from gateway.api.deps import CatalogDep, ControllerDep
 from gateway.api.schemas import HealthOut, ModelList, model_entry
 from gateway.control.controller import Controller
-from state import Store
+from state.writer import Writer
 
 router = APIRouter()
 
@@ -26,21 +26,25 @@ class ScrapeState:
     """What the state collector reports: taken by `refresh()` just before each scrape, so the
     collector (called synchronously by prometheus_client) only reads a snapshot."""
 
-    def __init__(self, controller: Controller, store: Store) -> None:
+    def __init__(self, controller: Controller, costs: CostTotals, writer: Writer) -> None:
         self.controller = controller
-        self.store = store
-        self._latest: dict[str, Any] = {"deployments": {}, "gpus_in_use": 0, "waiting": {}, "costs": {}}
+        self.costs = costs
+        self.writer = writer
+        self._latest: dict[str, Any] = {}
+        self.take({})
 
-    async def refresh(self) -> None:
-        totals = await run_in_threadpool(self.store.cost_totals, self.controller.clock())
+    def take(self, costs: dict[tuple[str, str], tuple[float, float]]) -> None:
         by_state, gpus = self.controller.holdings()
         self._latest = {
             "deployments": by_state,
             "gpus_in_use": gpus,
             "waiting": self.controller.waiting_all(),
-            # StateCollector takes (GPU-seconds, dollars) by (model, phase).
-            "costs": {key: (t.gpu_seconds, t.dollars) for key, t in totals.items()},
+            "costs": costs,  # (GPU-seconds, dollars) by (model, phase)
+            "writes_pending": self.writer.pending,
         }
+
+    async def refresh(self) -> None:
+        self.take(await self.costs.get())
 
     def __call__(self) -> dict[str, Any]:
         return self._latest
@@ -69,7 +73,7 @@ async def prometheus_metrics(
     metrics: Annotated[Metrics, Depends(get_metrics)], scrape: Annotated[ScrapeState, Depends(get_scrape)]
 ) -> Response:
     await scrape.refresh()
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(await render(metrics.collectors()), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/health", tags=["Gateway"], summary="Liveness", description="200 while the gateway runs.")

@@ -177,6 +177,22 @@ class ExportSettings(BaseModel):
     days_back: int = Field(3, ge=1, le=366, description="How many finished days each run (re)writes.")
 
 
+class UsageSettings(BaseModel):
+    raw_rows: bool = Field(
+        False,
+        description="Also keep one row per request (table `usage`), besides the per-minute rollups "
+        "(`usage_minutes`) that costs, dashboards and the export read. Off: at thousands of requests "
+        "per second that is hundreds of millions of rows a day.",
+    )
+    retention_days: float | None = Field(
+        30, gt=0, description="Raw rows older than this are deleted (hourly); null keeps them."
+    )
+    rollup_retention_days: float | None = Field(
+        None, gt=0, description="Per-minute rollups older than this are deleted; null keeps them."
+    )
+    flush_seconds: float = Field(2.0, gt=0, description="How often usage is written to the database.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMGW_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -219,6 +235,12 @@ class Settings(BaseSettings):
         "default: derived from admin_token.",
     )
     log_level: str = "INFO"
+    metrics_known_models: int = Field(
+        200,
+        ge=0,
+        description="Models whose Prometheus series exist from startup (at zero); with a bigger reference "
+        "file, the most recently used ones. The others get theirs at their first request.",
+    )
     failed_model_ttl_seconds: float = Field(
         600.0, ge=0, description="How long a model whose engine failed to start is answered with 400."
     )
@@ -242,6 +264,7 @@ class Settings(BaseSettings):
     local: LocalSettings = Field(default_factory=LocalSettings)
     costs: CostSettings = Field(default_factory=CostSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    usage: UsageSettings = Field(default_factory=UsageSettings)
     skypilot: SkyPilotSettings = Field(default_factory=SkyPilotSettings)
 
     @field_validator("log_level")

@@ -91,3 +91,8 @@ class Activity:
         batch = {m: self._last_used[m] for m in self._dirty}
         self._dirty.clear()
         return batch
+
+    def restore(self, batch: dict[str, datetime]) -> None:
+        """A batch from `take_dirty()` whose write failed: write those models again at the next
+        flush (their times in memory are the batch's or newer)."""
+        self._dirty.update(batch)

@@ -15,6 +15,7 @@ from gateway.config.reference import Catalog
 from gateway.config.settings import Settings
 from gateway.control.activity import Activity
 from state import Store
+from state.writer import Writer
 from tasks.provider import ClusterRef, Provider
 
 
@@ -32,6 +33,7 @@ class ControlContext:
     catalog: Catalog
     ledger: Ledger
     metrics: Metrics
+    writer: Writer  # database writes that need not hold the loop go through it
     new_id: Callable[[], str] = new_deployment_id
     instance_id: str = ""  # this installation's id (kept in the store): the label on its clusters
     secret: bytes = field(default=b"", repr=False)  # engine keys are derived from it

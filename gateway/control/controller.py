@@ -497,12 +497,16 @@ class Controller:
         for dep_id in heartbeats_due(self.views(), beats, now, interval):
             self._runners[dep_id].heartbeat(now)
 
-    def flush_activity(self) -> None:
-        """Write the last-used times gathered in memory since the previous flush."""
+    async def flush_activity(self) -> None:
+        """Write the last-used times gathered in memory since the previous flush: the snapshot
+        is taken here, on the loop; the database writer writes it. A failed write is retried at
+        the next flush."""
         batch = self.ctx.activity.take_dirty()
-        if batch:
-            deployments = {}
-            for runner in self._runners.values():
-                if runner.model in batch:
-                    deployments[runner.id] = batch[runner.model]
-            self.ctx.store.touch_models(batch, deployments)
+        if not batch:
+            return
+        deployments = {r.id: batch[r.model] for r in self._runners.values() if r.model in batch}
+        try:
+            await self.ctx.writer.run(self.ctx.store.touch_models, batch, deployments)
+        except Exception as exc:
+            log.error("last-used flush failed, retried at the next one: %s: %s", type(exc).__name__, exc)
+            self.ctx.activity.restore(batch)

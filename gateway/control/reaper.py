@@ -77,8 +77,7 @@ class Reaper:
         self.controller.record_activity(since, now)
         self.controller.expire_failures(now)
         self.controller.heartbeat_due(now)
-        self.controller.flush_activity()
-        await self.usage.flush()
+        await self.controller.flush_activity()
         return applied
 
     async def _prewarm(self, model: str) -> None:
@@ -117,7 +116,9 @@ class Reaper:
         )
 
     def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
-        task = asyncio.create_task(coro)
+        self._track(asyncio.create_task(coro))
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

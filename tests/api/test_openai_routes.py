@@ -225,7 +225,8 @@ async def test_usage_recorded_off_the_request_path(tmp_path: Path, stub_url: str
         await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
         store = app.state.store
         assert store.usage_count() == 0  # nothing written per request
-        await app.state.reaper.tick(app.state.controller.clock())
+        await app.state.reaper.tick(app.state.controller.clock())  # last-used times
+        await app.state.usage.flush()  # usage has its own period
         assert store.usage_count(model="org/chat") == 2
         model = store.get_model("org/chat")
         assert model is not None and model.last_used_at is not None

@@ -1,5 +1,5 @@
-"""`Store.cost_totals` (what /metrics reads) against the pure computation over every interval
-in accounting/costs.py, after random ledger histories written through the store's own methods."""
+"""Cost totals for /metrics are summed by the database: the same figures as the ledger's
+intervals summed in Python, to the microsecond, open intervals up to now."""
 
 from __future__ import annotations
 
@@ -8,134 +8,60 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
-from sqlmodel import Session, select
+from sqlalchemy import text
 
-from gateway.accounting.costs import spans_of, totals
-from state import CostInterval, CostTotalRow, Store
-from state.store import IntervalChange
+from state import CostInterval, Store
+from state.store import _totals_in_python
 
-T0 = datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
-PHASES = ("cold", "serving", "idle")
+T0 = datetime(2026, 11, 2, 15, 0, tzinfo=UTC)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    st = Store(f"sqlite:///{tmp_path / 'gw.db'}")
-    st.create_all()
-    return st
+def test_database_sums_equal_the_python_sums(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'gw.db'}")
+    store.create_all()
+    rnd = random.Random(7)
+    for d in range(40):
+        at = T0 + timedelta(seconds=rnd.uniform(0, 3600))
+        for phase in ("cold", "serving", "idle", "serving"):
+            store.open_interval(
+                CostInterval(
+                    deployment_id=f"d{d}",
+                    model=f"m{d % 3}",
+                    provider="fake",
+                    phase=phase,
+                    gpus=rnd.choice([1, 2, 8]),
+                    hourly_price=rnd.uniform(0.5, 40),
+                    started_at=at,
+                )
+            )
+            at += timedelta(seconds=rnd.uniform(0, 900), microseconds=rnd.randrange(1_000_000))
+        if d % 2:  # half of them stopped, half still open
+            store.close_interval(f"d{d}", at=at)
+    now = T0 + timedelta(hours=3, microseconds=123)
+    expected = _totals_in_python(store.intervals(), now)
+    got = store.cost_totals(now)
+    assert got.keys() == expected.keys() and len(got) == 3 * 3
+    for key, (gpu_s, dollars) in expected.items():
+        assert got[key][0] == pytest.approx(gpu_s, abs=1e-6)
+        assert got[key][1] == pytest.approx(dollars, abs=1e-9)
+    store.close()
 
 
-def interval(dep: str, model: str, phase: str, at: datetime, rng: random.Random) -> CostInterval:
-    return CostInterval(
-        deployment_id=dep,
-        model=model,
-        provider="fake",
-        phase=phase,
-        gpus=rng.choice([1, 2, 8]),
-        hourly_price=rng.choice([0.0, 1.1, 3.6, 32.77]),
-        started_at=at,
-    )
-
-
-def random_history(store: Store, rng: random.Random, steps: int) -> datetime:
-    """What a ledger does: open, flip phases (one transaction for several deployments), relabel
-    a 0-second interval, close (a failed launch relabels cold to failed), discard."""
-    now, live = T0, {}  # deployment id -> model
-    store.open_interval(interval("pinned", "b", "idle", now, rng))  # open from first to last
-    for n in range(steps):
-        now += timedelta(seconds=rng.uniform(0, 90))  # microseconds in every time
-        action = rng.random()
-        if action < 0.2 or not live:
-            dep = f"d{n}"
-            live[dep] = rng.choice(["org/a", "b", "org/c-1.5"])
-            store.open_interval(interval(dep, live[dep], "cold", now, rng))
-        elif action < 0.6:
-            deps = rng.sample(sorted(live), rng.randint(1, len(live)))
-            changes = [
-                IntervalChange(dep, open=interval(dep, live[dep], rng.choice(PHASES), now, rng))
-                if rng.random() < 0.8
-                else IntervalChange(dep, relabel=rng.choice(PHASES))
-                for dep in deps
-            ]
-            store.change_intervals(changes)
-        elif action < 0.9:
-            dep = rng.choice(sorted(live))
-            relabel = {"cold": "failed"} if rng.random() < 0.5 else None
-            store.close_interval(dep, at=now, relabel=relabel)
-            del live[dep]
-        else:
-            dep = rng.choice(sorted(live))
-            del live[dep]
-            store.delete_intervals(dep)
-    return now
-
-
-def expected(store: Store, now: datetime) -> dict[tuple[str, str], tuple[float, float]]:
-    # costs.totals gives (GPU-seconds, dollars); cost_totals gives (dollars, GPU-seconds).
-    return {k: (d, g) for k, (g, d) in totals(spans_of(store.intervals()), now=now).items()}
-
-
-def assert_close(got: dict, want: dict) -> None:
-    # A key whose intervals were all deleted or relabelled stays in the table at 0.
-    assert {k for k, v in got.items() if v.dollars or v.gpu_seconds} <= set(want) <= set(got)
-    for key, (dollars, gpu_seconds) in want.items():
-        assert got[key].dollars == pytest.approx(dollars, rel=1e-9, abs=1e-9), key
-        assert got[key].gpu_seconds == pytest.approx(gpu_seconds, rel=1e-9, abs=1e-6), key
-
-
-@pytest.mark.parametrize("seed", range(8))
-def test_cost_totals_match_the_pure_computation(store: Store, seed: int) -> None:
-    now = random_history(store, random.Random(seed), 300)
-    assert any(i.ended_at is None for i in store.intervals())  # open ones are counted too
-    assert {i.phase for i in store.intervals()} >= {"failed", "serving"}
-    assert_close(store.cost_totals(now), expected(store, now))
-    later = now + timedelta(hours=1)  # open intervals count up to `now`
-    assert_close(store.cost_totals(later), expected(store, later))
-
-
-def test_reads_one_row_per_model_and_phase(store: Store) -> None:
-    now = random_history(store, random.Random(99), 600)
-    with Session(store.engine) as s:
-        rows = list(s.exec(select(CostTotalRow)))
-    assert len(rows) <= 3 * 4 < len(store.intervals())
-    assert_close(store.cost_totals(now), expected(store, now))
-
-
-def test_a_database_from_before_the_totals_table_is_summed_once(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'old.db'}"
+def test_create_all_adds_the_open_interval_index_to_an_existing_database(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'gw.db'}"
+    old = Store(url)
+    old.create_all()
+    with old.engine.begin() as conn:  # a database made before the index existed
+        conn.execute(text("DROP INDEX ix_cost_ended"))
+    old.close()
     store = Store(url)
     store.create_all()
-    now = random_history(store, random.Random(5), 200)
-    with store.engine.begin() as conn:  # as an older gateway left it: intervals, no totals
-        conn.execute(CostTotalRow.__table__.delete())  # type: ignore[attr-defined]
-        conn.exec_driver_sql("DROP INDEX ix_cost_ended")
-    for _ in range(2):  # the next start fills the table; the one after leaves it alone
-        restarted = Store(url)
-        restarted.create_all()
-        assert_close(restarted.cost_totals(now), expected(restarted, now))
-    indexes = {i["name"] for i in inspect(restarted.engine).get_indexes("cost_intervals")}
-    assert "ix_cost_ended" in indexes  # open intervals are found without a scan
-
-
-def test_microseconds_are_kept(store: Store) -> None:
-    start = datetime(2026, 11, 27, 23, 59, 59, 999_999, tzinfo=UTC)
-    store.open_interval(
-        CostInterval(
-            deployment_id="d1",
-            model="m",
-            provider="fake",
-            phase="serving",
-            gpus=2,
-            hourly_price=3600.0,
-            started_at=start,
+    with store.engine.connect() as conn:
+        plan = " ".join(
+            str(row[-1])
+            for row in conn.execute(
+                text("EXPLAIN QUERY PLAN SELECT id FROM cost_intervals WHERE ended_at IS NULL")
+            )
         )
-    )
-    store.close_interval("d1", at=start + timedelta(microseconds=2))  # across midnight
-    got = store.cost_totals(start)[("m", "serving")]
-    assert got.gpu_seconds == pytest.approx(4e-6, abs=1e-12)
-    assert got.dollars == pytest.approx(2e-6, abs=1e-12)
-
-
-def test_empty_table(store: Store) -> None:
-    assert store.cost_totals(T0) == {}
+    assert "ix_cost_ended" in plan
+    store.close()

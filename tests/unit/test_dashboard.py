@@ -7,11 +7,13 @@ is the one the dashboard names; the compose file mounts what the other files exp
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config.reference import load_reference
 from gateway.config.settings import load_settings
+from state import Store
 from tests.conftest import CHAT_BODY, make_settings, running_gateway
 from tests.fakes import FakeProvider
 
@@ -35,7 +38,14 @@ DOCKERFILE = INFRA / "Dockerfile"
 METRIC_NAME = re.compile(r"\bllmgw_[a-z_]+")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Metrics without a `model` label: panels over them cannot follow the model selection.
-UNLABELLED_BY_MODEL = {"llmgw_deployments", "llmgw_gpus_in_use"}
+UNLABELLED_BY_MODEL = {
+    "llmgw_deployments",
+    "llmgw_gpus_in_use",
+    "llmgw_event_loop_lag_seconds",
+    "llmgw_db_writes_pending",
+}
+# Quantiles of request latency are only defined once there was a request: their series come then.
+TRAFFIC_DEFINED = {"llmgw_request_duration_seconds_bucket", "llmgw_gateway_overhead_seconds_bucket"}
 # Grafana's own variables, replaced by plausible values so PromQL tools can parse the queries.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "$model": ".*"}
 
@@ -200,20 +210,78 @@ async def test_dashboard_metrics_are_exported(tmp_path: Path, stub_url: str) -> 
         "llmgw_waiting_requests",
         "llmgw_cost_dollars_total",
         "llmgw_gpu_seconds_total",
+        "llmgw_event_loop_lag_seconds",
+        "llmgw_db_writes_pending",
     }
 
-    # Label names, for every query whose series have samples after those requests: all but
-    # llmgw_waiting_requests, which has none once nothing waits.
+    # Label names, for every query (all have samples after those requests).
     for panel, target in panel_targets(dashboard):
         names = metric_names(target["expr"])
-        if "llmgw_waiting_requests" in names:
-            continue
         seen = {name: series[name] for name in names}
         empty = sorted(name for name, labels in seen.items() if labels is None)
         assert not empty, f"panel {panel['title']!r}: no samples of {empty} after a cold and a hot request"
         available = set().union(*(labels for labels in seen.values() if labels is not None))
         unknown = labels_used(target["expr"], target.get("legendFormat", "")) - available
         assert not unknown, f"panel {panel['title']!r} uses labels {sorted(unknown)} not on {sorted(names)}"
+
+
+async def test_every_panel_has_series_from_startup(tmp_path: Path, stub_url: str) -> None:
+    """Before any request: each known model's series are there at zero (tokens, requests, waiting
+    requests, cost, cold starts), so panels show 0 rather than "no data"."""
+    models = {"org/chat": {}, "pinned": {"priority": 2}, "ext": {"endpoint": f"{stub_url}/v1"}}
+    async with running_gateway(make_settings(tmp_path, models), FakeProvider(endpoint=stub_url)) as (
+        _,
+        client,
+    ):
+        await asyncio.sleep(0.25)  # a wake-up or two of the loop-lag probe
+        response = await client.get("/metrics")
+    series = exported_series(response.text)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+    for panel, target in panel_targets(load_dashboard()):
+        for name in metric_names(target["expr"]) - TRAFFIC_DEFINED:
+            assert series[name] is not None, f"panel {panel['title']!r}: no samples of {name} at startup"
+    for model in ("org/chat", "pinned", "ext"):
+        assert samples[("llmgw_tokens_total", (("kind", "prompt"), ("model", model)))] == 0
+        assert samples[("llmgw_waiting_requests", (("model", model),))] == 0
+        assert (
+            samples[
+                (
+                    "llmgw_requests_total",
+                    (("model", model), ("path", "/v1/chat/completions"), ("status", "200")),
+                )
+            ]
+            == 0
+        )
+    for model in ("org/chat", "pinned"):  # launchable: cost and cold starts (an external endpoint has none)
+        assert samples[("llmgw_cost_dollars_total", (("model", model), ("phase", "idle")))] == 0
+        assert ("llmgw_cold_start_seconds_count", (("model", model), ("phase", "total"))) in samples
+    assert ("llmgw_cost_dollars_total", (("model", "ext"), ("phase", "idle"))) not in samples
+    assert samples[("llmgw_deployments", (("state", "ready"),))] == 0
+    assert samples[("llmgw_event_loop_lag_seconds_count", ())] >= 1
+
+
+async def test_series_from_startup_are_capped_to_the_most_recently_used_models(
+    tmp_path: Path, stub_url: str
+) -> None:
+    models = {f"m{i}": {} for i in range(6)}
+    settings = make_settings(tmp_path, models, metrics_known_models=3)
+    store = Store(settings.resolved_database_url)
+    store.create_all()
+    store.touch_models({"m4": datetime(2026, 11, 1, tzinfo=UTC), "m2": datetime(2026, 11, 2, tzinfo=UTC)})
+    store.close()
+    async with running_gateway(settings, FakeProvider(endpoint=stub_url)) as (_, client):
+        text = (await client.get("/metrics")).text
+    waiting = {
+        s.labels["model"]
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "llmgw_waiting_requests"
+    }
+    assert waiting == {"m2", "m4", "m0"}  # used most recently, then the others by name
 
 
 # -- Prometheus, Grafana provisioning and compose -------------------------------------------

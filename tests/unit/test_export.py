@@ -7,13 +7,16 @@ import io
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
 from moto import mock_aws
+from sqlalchemy import insert
 
 from gateway.accounting.export import COST_COLUMNS, USAGE_COLUMNS, export_day, finished_days
-from state import CostInterval, Store, Usage
+from state import CostInterval, Store
+from state.tables import LATENCY_COLUMNS, UsageMinute
 
 DAY = date(2026, 11, 26)
 D0 = datetime(2026, 11, 26, tzinfo=UTC)
@@ -57,28 +60,37 @@ def store(tmp_path: Path) -> Store:
         )
         if end is not None:
             st.close_interval(dep, at=end)
-    st.add_usage(
-        [
-            Usage(
-                at=D0 + timedelta(hours=h),
-                model="m-d1",
-                deployment_id="d1",
-                path="/v1/chat/completions",
-                status=200,
-                stream=h % 2 == 0,
-                latency_ms=12.5,
-                prompt_tokens=10,
-                completion_tokens=h,
-            )
-            for h in (3, 1, 2)
-        ]
-        + [
-            Usage(
-                at=D0 - timedelta(minutes=1), model="m-d1", path="/v1/completions", status=400, latency_ms=1.0
-            )
-        ]
-    )
+    # Usage: three minutes of one model, a second row for one key (as a second gateway writes
+    # it), and a minute of the day before.
+    rows = [minute(D0 + timedelta(hours=h), completion=h, stream=h % 2 == 0) for h in (3, 1, 2)]
+    rows.append(minute(D0 + timedelta(hours=1), completion=5, stream=False))
+    rows.append(minute(D0 - timedelta(minutes=1), completion=0, stream=False, status=400))
+    for row in rows:
+        st.add_usage_minutes([row])  # one by one: the duplicate key is added to its row
+    st.add_usage_minutes([minute(D0 + timedelta(hours=2), completion=7, stream=True, api_key_id="k1")])
+    with st.engine.begin() as conn:  # a second row for a key: two gateways raced on that minute
+        conn.execute(insert(UsageMinute), [minute(D0 + timedelta(hours=3), completion=4, stream=False)])
     return st
+
+
+def minute(
+    at: datetime, *, completion: int, stream: bool, status: int = 200, api_key_id: str | None = None
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "minute": at,
+        "model": "m-d1",
+        "path": "/v1/chat/completions",
+        "status": status,
+        "stream": stream,
+        "api_key_id": api_key_id,
+        "requests": 2,
+        "prompt_tokens": 10,
+        "completion_tokens": completion,
+        "latency_ms_sum": 25.0,
+    }
+    row.update({c: 0 for c in LATENCY_COLUMNS})
+    row["lat_25ms"] = 2
+    return row
 
 
 def read_csv(s3: object, key: str) -> list[dict[str, str]]:
@@ -89,7 +101,7 @@ def read_csv(s3: object, key: str) -> list[dict[str, str]]:
 def test_export_writes_the_day_under_hive_keys_and_reads_back_equal(s3: object, store: Store) -> None:
     results = export_day(store, s3, bucket="costs", prefix="team/llmgw/", day=DAY)
     assert [(r.key, r.rows, r.written) for r in results] == [
-        ("team/llmgw/usage/date=2026-11-26/usage.csv", 3, True),
+        ("team/llmgw/usage/date=2026-11-26/usage.csv", 4, True),
         ("team/llmgw/costs/date=2026-11-26/costs.csv", 3, True),
     ]
     listed = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="costs")["Contents"])  # type: ignore[attr-defined]
@@ -99,7 +111,16 @@ def test_export_writes_the_day_under_hive_keys_and_reads_back_equal(s3: object, 
     ]
     usage = read_csv(s3, results[0].key)
     assert list(usage[0]) == USAGE_COLUMNS
-    assert [int(u["completion_tokens"]) for u in usage] == [1, 2, 3]  # sorted by time
+    # In minute order; 01:00 was added to in the store, 03:00 is two rows of one key merged; a key
+    # with an API key is a row of its own.
+    assert [(u["minute"][11:16], int(u["completion_tokens"]), u["api_key_id"]) for u in usage] == [
+        ("01:00", 6, ""),
+        ("02:00", 2, ""),
+        ("02:00", 7, "k1"),
+        ("03:00", 7, ""),
+    ]
+    assert [int(u["requests"]) for u in usage] == [4, 2, 2, 4]
+    assert [int(u["lat_25ms"]) for u in usage] == [4, 2, 2, 4]
     assert {u["stream"] for u in usage} == {"true", "false"}
     costs = read_csv(s3, results[1].key)
     assert list(costs[0]) == COST_COLUMNS
