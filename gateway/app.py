@@ -14,7 +14,7 @@ from gateway.accounting.metrics import CostTotals, StateCollector
 from gateway.api import admin, meta
 from gateway.api.deps import require_admin_token
 from gateway.api.errors import install_error_handlers
-from gateway.api.openai_routes import openai_router
+from gateway.api.openai_routes import OpenAIFront, openai_router
 from gateway.clock import Clock, system_clock
 from gateway.config.settings import Settings
 from gateway.control.context import new_deployment_id
@@ -81,6 +81,7 @@ def create_app(
     app.state.writer = rt.writer
     app.state.scrape = meta.ScrapeState(rt.controller, CostTotals(rt.store, rt.writer, clock), rt.writer)
     rt.metrics.add_collector(StateCollector(app.state.scrape, rt.metrics))
+    app.add_middleware(OpenAIFront, gateway=rt.gateway)  # inside the catch-all added next
     install_error_handlers(app)
     app.include_router(openai_router(rt.gateway))
     app.include_router(admin.router)
