@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
 
 from fastapi import FastAPI
 
@@ -41,9 +42,14 @@ def create_app(
     clock: Clock = system_clock,
     on_lease_lost: Callable[[], None] = stop_this_process,
     new_id: Callable[[], str] = new_deployment_id,
+    db_executor: Executor | None = None,
 ) -> FastAPI:
+    """`db_executor`: where the database writer runs its jobs (default: a thread of its own; a
+    simulator passes one that runs them at once, to stay deterministic)."""
     require_admin_token(settings)
-    rt = Runtime.build(settings, provider, clock, on_lease_lost=on_lease_lost, new_id=new_id)
+    rt = Runtime.build(
+        settings, provider, clock, on_lease_lost=on_lease_lost, new_id=new_id, db_executor=db_executor
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

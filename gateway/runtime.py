@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from gateway.accounting.ledger import Ledger, PriceBook
@@ -130,6 +131,7 @@ class Runtime:
         clock: Clock = system_clock,
         on_lease_lost: Callable[[], None] = stop_this_process,
         new_id: Callable[[], str] = new_deployment_id,
+        db_executor: Executor | None = None,
     ) -> Runtime:
         catalog = Catalog(
             load_reference(settings.model_reference), allow_unlisted=settings.allow_unlisted_models
@@ -138,7 +140,7 @@ class Runtime:
         store.create_all()
         provider = provider or build_provider(settings)
         lease = ControllerLease(store, clock, seconds=settings.controller_lease_seconds)
-        writer = Writer()  # database writes that need not hold the loop go through it
+        writer = Writer(db_executor)  # database writes that need not hold the loop go through it
         metrics = Metrics()
         activity = Activity()
         usage = UsageRecorder(
