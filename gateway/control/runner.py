@@ -40,7 +40,7 @@ RETRY_AFTER_CANCELLED = 10
 STOP_RETRY_MAX_SECONDS = 60.0
 # While the gateway shuts down, a stop that keeps failing is given up after this many tries; the
 # deployment stays `stopping` in the store and the next start's reconcile tries again.
-STOP_TRIES_AT_SHUTDOWN = 3
+STOP_TRIES_AT_SHUTDOWN = 2
 
 _STARTING = frozenset({S.PENDING, S.LAUNCHING, S.LOADING})
 
@@ -185,6 +185,8 @@ class DeploymentRunner:
         if self.stop_request is not None or self.done:
             return False
         self.stop_request = request
+        if request.kind not in ("evicted", "engine-failed"):  # those write their own events
+            self._event(request.kind, request.reason)  # when decided, not when done
         if self._op is not None and not self._op.done():
             self._op.cancel()
         self._wake.set()
@@ -356,7 +358,7 @@ class DeploymentRunner:
             self.owner.runner_done(self, exit_.error if remember and exit_ else None)
 
     async def _stop_and_close(self, exit_: _Exit | None) -> None:
-        if self.stop_request is not None and self.stop_request.kind != "evicted":
+        if self.stop_request is not None and self.stop_request.kind == "engine-failed":
             self._event(self.stop_request.kind, self.stop_request.reason)
         if exit_ is not None and exit_.failed:
             log.warning("deployment %s of %s: %s", self.id, self.model, exit_.error.splitlines()[0])
