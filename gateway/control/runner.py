@@ -350,8 +350,8 @@ class DeploymentRunner:
             if self.fenced:
                 log.warning("deployment %s of %s: abandoned (lease lost)", self.id, self.model)
             elif self.handed_over_to is not None:
-                self._move(S.STOPPING)
-                self._move(S.STOPPED)
+                await self._record(S.STOPPING)
+                await self._record(S.STOPPED)
                 self._event("handed-over", f"cluster handed over to {self.handed_over_to}")
             else:
                 await self._stop_and_close(exit_)
@@ -365,17 +365,17 @@ class DeploymentRunner:
         if exit_ is not None and exit_.failed:
             log.warning("deployment %s of %s: %s", self.id, self.model, exit_.error.splitlines()[0])
             self._event("launch-failed", exit_.error)
-        if self.state is not S.STOPPING:
-            self._move(S.STOPPING)
+        if self.state is not S.STOPPING and not await self._record(S.STOPPING):
+            return  # the store cannot be written: left as it is for the next start's reconcile
         if self.ref is not None and not await self._stop_engine():
             return  # left `stopping`: the next start's reconcile stops it
         failed = exit_.error if exit_ is not None and exit_.failed else None
         if failed is None and self.stop_request is not None and self.stop_request.failed:
             failed = self.stop_request.reason
         if failed is not None:
-            self._move(S.FAILED, error=failed[:4000])
+            await self._record(S.FAILED, error=failed[:4000])
         else:
-            self._move(S.STOPPED)
+            await self._record(S.STOPPED)
         if exit_ is not None and exit_.discard:
             self.ctx.ledger.discard(self.id)
 
@@ -527,18 +527,44 @@ class DeploymentRunner:
         self._hold(ref)
 
     def _move(self, new: DeploymentState, **fields: Any) -> None:
+        """Store (compare-and-swap), memory, then ledger; a ledger write that fails after the
+        store's leaves the state moved (`_record` completes it)."""
         old = self.state
         at = self.ctx.clock()
         if not self.ctx.store.transition(self.id, expected=old, new=new, at=at, **fields):
             raise ProviderError(f"deployment {self.id} is no longer {old}")
-        self.ctx.ledger.state(self.id, self.model, new, at)
         self.state = new
         log.info("deployment %s of %s: %s -> %s", self.id, self.model, old, new)
+        self.ctx.ledger.state(self.id, self.model, new, at)
+
+    async def _record(self, new: DeploymentState, **fields: Any) -> bool:
+        """`_move` on the way out, retried through database errors: the end of a deployment
+        must reach the store. False if given up (lease lost, or the gateway stopping)."""
+        tries = 0
+        while True:
+            try:
+                if self.state is not new:
+                    self._move(new, **fields)
+                else:  # moved, but the ledger write failed: the ledger's changes are idempotent
+                    self.ctx.ledger.state(self.id, self.model, new, self.ctx.clock())
+                return True
+            except Exception as exc:
+                tries += 1
+                log.warning(
+                    "deployment %s of %s: cannot record %s (try %d): %s", self.id, self.model, new, tries, exc
+                )
+                if self.fenced or (self.owner.closing and tries >= STOP_TRIES_AT_SHUTDOWN):
+                    return False
+                await asyncio.sleep(min(2.0**tries, STOP_RETRY_MAX_SECONDS))
 
     def _event(self, kind: str, message: str) -> None:
-        self.ctx.store.record_event(
-            kind=kind, model=self.model, deployment_id=self.id, message=message, at=self.ctx.clock()
-        )
+        """Events say why; one lost to a database error must not change what happens."""
+        try:
+            self.ctx.store.record_event(
+                kind=kind, model=self.model, deployment_id=self.id, message=message, at=self.ctx.clock()
+            )
+        except Exception as exc:
+            log.error("deployment %s of %s: event %s not recorded: %s", self.id, self.model, kind, exc)
 
     def _observe_cold_start(self) -> None:
         if self._adoption is not None:
