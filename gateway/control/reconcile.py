@@ -92,7 +92,7 @@ async def _known_engine(
         controller.close_stale(
             dep,
             f"left {dep.state} by an earlier gateway process; {ref.name} vanished",
-            cost_until=_vanished_at(controller, dep.id),
+            cost_until=_vanished_at(controller, dep),
         )
         return
     message = f"left {dep.state} by an earlier gateway process"
@@ -133,11 +133,15 @@ async def _probe(controller: Controller, ref: ClusterRef) -> Endpoint | None:
         return None
 
 
-def _vanished_at(controller: Controller, deployment_id: str) -> datetime:
+def _vanished_at(controller: Controller, dep: Deployment) -> datetime:
     """When a cluster that vanished while no gateway watched stopped billing, at the latest: the
     failsafe deletes it 3 heartbeat intervals after the last heartbeat, which is no earlier
-    than the last time the ledger saw it open."""
+    than the last time the ledger saw it open. One whose stop had begun is taken to have ended
+    when it was asked to (what the stop itself took is not known)."""
     now = controller.clock()
+    deployment_id = dep.id
+    if dep.state == DeploymentState.STOPPING.value and dep.stopping_at is not None:
+        return min(now, dep.stopping_at)
     interval = controller.provider.heartbeat_interval_seconds
     checked = [i.checked_at for i in controller.store.open_intervals() if i.deployment_id == deployment_id]
     if not checked or checked[0] is None or interval is None:
