@@ -419,6 +419,9 @@ class DeploymentRunner:
             self.request_stop(StopRequest("engine-failed", f"engine gone: {exc}", drain=False, failed=True))
         except Exception as exc:
             log.warning("deployment %s of %s: heartbeat failed: %s", self.id, self.model, exc)
+            if self.state is S.READY:  # the provider cannot say (its API is down): ask the engine
+                self._checking = True
+                await self._check(f"heartbeat failed: {type(exc).__name__}")
         finally:
             self._beating = False
 
