@@ -164,6 +164,7 @@ class Runtime:
             new_id=new_id,
             instance_id=store.instance_id(),
             secret=gateway_secret(settings),
+            acting=lambda: lease.held,
         )
         controller = Controller(ctx)
         proxy = Proxy(

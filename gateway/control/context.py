@@ -37,6 +37,8 @@ class ControlContext:
     new_id: Callable[[], str] = new_deployment_id
     instance_id: str = ""  # this installation's id (kept in the store): the label on its clusters
     secret: bytes = field(default=b"", repr=False)  # engine keys are derived from it
+    # Whether this process holds the controller lease right now (decisions wait for it).
+    acting: Callable[[], bool] = lambda: True
 
     @property
     def cold_start_timeout_seconds(self) -> float:

@@ -53,6 +53,8 @@ class Reaper:
         return asyncio.create_task(self.run(), name="reaper")
 
     async def tick(self, now: datetime) -> list[StopAction]:
+        if not self.controller.ctx.acting():  # e.g. just after a stall, before the lease is renewed
+            return []
         since, self.last_tick = self.last_tick, now
         views = self.controller.views()
         applied = []

@@ -393,7 +393,9 @@ class DeploymentRunner:
                 log.warning("deployment %s of %s: stop failed (try %d): %s", self.id, self.model, tries, exc)
                 if tries == 1:
                     self._event("stop-failed", f"{type(exc).__name__}: {exc}; retrying")
-                if getattr(exc, "fenced", False) or (self.owner.closing and tries >= STOP_TRIES_AT_SHUTDOWN):
+                # Refused by the fence (the lease not renewed yet after a stall) is retried too:
+                # the lease comes back, or is lost and the runner abandoned.
+                if self.fenced or (self.owner.closing and tries >= STOP_TRIES_AT_SHUTDOWN):
                     return False
                 await asyncio.sleep(min(2.0**tries, STOP_RETRY_MAX_SECONDS))
 
