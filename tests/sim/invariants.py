@@ -351,15 +351,19 @@ class Checker:
         """After every gateway shut down cleanly (no faults any more): nothing is left behind."""
         self.after_step()
         rows = self.sim.view.rows()
+        stuck: set[str | None] = set()  # a stop that hangs until cancelled: it may stay STOPPING
         for c in self.sim.world.clusters.values():
+            if self.sim.world.stop_fault_active(c, self.fault_grace):
+                stuck |= {c.name, c.deployment_id, c.label_deployment}
+                continue
             self.flag(
                 "final-state", ("cluster", c.name), f"{c.name} ({c.model}) still runs after the last shutdown"
             )
         for r in rows:
-            if r.state not in TERMINAL:
+            if r.state not in TERMINAL and r.id not in stuck and r.cluster not in stuck:
                 self.flag("final-state", ("row", r.id), f"{self.sim.alias(r.id)} ({r.model}) left {r.state}")
         for iv in self.sim.view.intervals():
-            if iv.end is None:
+            if iv.end is None and iv.deployment_id not in stuck:
                 self.flag(
                     "final-state",
                     ("interval", iv.deployment_id),
