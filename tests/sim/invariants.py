@@ -55,7 +55,7 @@ class Violation:
 class Checker:
     def __init__(self, sim: Sim) -> None:
         self.sim = sim
-        self.stop_max = sim.world.durations.stop_max
+        self.stop_max = sim.cloud.durations.stop_max
         self.wait_bound = COLD_START_TIMEOUT + DRAIN + self.stop_max + 2 * TICK
         self.fault_grace = 2 * TICK + self.stop_max
         self.violations: list[Violation] = []
@@ -104,7 +104,7 @@ class Checker:
 
     def world_owned(self, rows: list[Row]) -> None:
         live = [r for r in rows if r.state not in TERMINAL]
-        for c in self.sim.world.clusters.values():
+        for c in self.sim.cloud.clusters.values():
             owners = [
                 r for r in live if r.cluster == c.name or (r.cluster is None and r.id == c.label_deployment)
             ]
@@ -178,14 +178,16 @@ class Checker:
         return driver.effective(holder.app, model) or known_bounds(model)
 
     def idle_billing(self, holder: Gateway | None) -> None:
+        """Idle is judged like the controller does, per model on the lease holder: a request of
+        the model in flight keeps all its engines busy, and its last begin or end counts."""
         if holder is None or holder.started_at is None:
             return
-        now, world = self.sim.now(), self.sim.world
+        now, world = self.sim.now(), self.sim.cloud
         busy = {
-            self.sim.world.cluster_of_endpoint(r.endpoint) for r in self.sim.open_requests() if r.endpoint
+            r.model for r in self.sim.open_requests() if r.gateway == holder.name and r.phase == "in-flight"
         }
         for c in world.clusters.values():
-            if c.engine in ("provisioning", "loading") or c.swapping or c.name in busy:
+            if c.engine in ("provisioning", "loading") or c.swapping or c.model in busy:
                 continue
             if world.stop_fault_active(c, self.fault_grace):
                 continue
@@ -194,9 +196,10 @@ class Checker:
                 continue
             since = max(
                 c.ready_at if c.ready_at is not None else c.created_at,
-                self.sim.last_request_end.get((c.name, c.deployment_id), -math.inf),
+                self.sim.last_activity.get((holder.name, c.model), -math.inf),
                 self.sim.changed_at.get(c.model, -math.inf),
                 holder.started_at,
+                holder.awake_since,
             )
             deadline = since + keep_hot + TICK + self.stop_max + TICK
             if now > deadline:
@@ -209,8 +212,8 @@ class Checker:
 
     def after_hours(self, firing: float, deployments: set[str]) -> None:
         """Called at firing + TICK + DRAIN + STOP_MAX + TICK with the deployments live at the firing."""
-        for c in self.sim.world.clusters.values():
-            if c.deployment_id not in deployments or self.sim.world.stop_fault_active(c, self.fault_grace):
+        for c in self.sim.cloud.clusters.values():
+            if c.deployment_id not in deployments or self.sim.cloud.stop_fault_active(c, self.fault_grace):
                 continue
             self.flag(
                 "after-hours",
@@ -220,7 +223,7 @@ class Checker:
             )
 
     def ledger(self, intervals: list[Interval]) -> None:
-        now, world = self.sim.now(), self.sim.world
+        now, world = self.sim.now(), self.sim.cloud
         by_cluster: dict[str, list[Interval]] = defaultdict(list)
         phantom: dict[str, float] = defaultdict(float)
         for iv in intervals:
@@ -258,7 +261,7 @@ class Checker:
                 )
 
     def fencing(self) -> None:
-        calls = self.sim.world.calls
+        calls = self.sim.cloud.calls
         for call in calls[self._calls_checked :]:
             if call.holder != call.view:
                 self.flag(
@@ -352,8 +355,8 @@ class Checker:
         self.after_step()
         rows = self.sim.view.rows()
         stuck: set[str | None] = set()  # a stop that hangs until cancelled: it may stay STOPPING
-        for c in self.sim.world.clusters.values():
-            if self.sim.world.stop_fault_active(c, self.fault_grace):
+        for c in self.sim.cloud.clusters.values():
+            if self.sim.cloud.stop_fault_active(c, self.fault_grace):
                 stuck |= {c.name, c.deployment_id, c.label_deployment}
                 continue
             self.flag(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.settings import ScheduleSettings, Settings
-from tests.sim.cloud import FaultProfile
+from tests.sim.faults import FaultProfile
 
 ADMIN_TOKEN = "sim-admin-token-0123456789abcdef"
 
@@ -29,6 +29,7 @@ COLD_START_TIMEOUT = 120.0
 DRAIN = 15.0
 MAX_WAITING = 6
 HEARTBEAT = 60.0
+MAX_GATEWAYS = 6  # processes started in one seed (restarts, standbys)
 CHECK_EVERY = 10.0  # virtual seconds between the in-memory checks while time passes  # the provider's heartbeat interval; clusters delete themselves after 3 of them
 
 AFTER_HOURS_CRON = "0 23 * * *"
@@ -134,15 +135,29 @@ PLAN_FAULTS = (
 )
 
 
-def scenario(seed: int, steps: int) -> Scenario:
+def fault_kinds() -> tuple[str, ...]:
+    """Every fault the simulator injects: per provider call (cloud.py) and per step (the plan)."""
+    return (*FaultProfile.kinds(), *PLAN_FAULTS)
+
+
+def scenario(seed: int, steps: int, only: frozenset[str] | None = None) -> Scenario:
+    """The seed's scenario; with `only`, every fault but those is switched off (empty: none)."""
     rng = random.Random(f"plan-{seed}")
     enabled = {kind for kind in PLAN_FAULTS if rng.random() < 0.5}
+    epoch = FIRST_AFTER_HOURS - timedelta(seconds=round(rng.uniform(30, 420), 3))
+    capacity = rng.choice((2, 3, 3, 4))
+    faults = FaultProfile.draw(rng)
+    if only is not None:
+        unknown = only - set(fault_kinds())
+        if unknown:
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(fault_kinds())}")
+        enabled, faults = set(only) & set(PLAN_FAULTS), faults.only(only)
     weights = {k: w for k, w in _KINDS.items() if k not in PLAN_FAULTS or k in enabled}
     return Scenario(
         seed=seed,
-        epoch=FIRST_AFTER_HOURS - timedelta(seconds=round(rng.uniform(30, 420), 3)),
-        capacity_gpus=rng.choice((2, 3, 3, 4)),
-        faults=FaultProfile.draw(rng),
+        epoch=epoch,
+        capacity_gpus=capacity,
+        faults=faults,
         standby=rng.random() < 0.5,
         reconcile_unknown=rng.choice(("down", "down", "adopt")),
         steps=tuple(_step(rng, weights) for _ in range(steps)),

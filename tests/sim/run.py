@@ -7,32 +7,35 @@ import argparse
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
 from tests.sim.invariants import Violation
+from tests.sim.plan import fault_kinds
 from tests.sim.sim import Sim, SimResult
 
 DEFAULT_STEPS = 60
 
 
-def run_seed(seed: int, steps: int) -> SimResult:
-    return Sim(seed, steps).run()
+def run_seed(seed: int, steps: int, only: frozenset[str] | None = None) -> SimResult:
+    return Sim(seed, steps, only=only).run()
 
 
-def _summary(seed: int, steps: int) -> SimResult:
-    result = run_seed(seed, steps)
+def _summary(seed: int, steps: int, only: frozenset[str] | None) -> SimResult:
+    result = run_seed(seed, steps, only)
     result.trace = []  # not sent back between processes
     return result
 
 
-def run_seeds(seeds: Iterable[int], steps: int, jobs: int = 1) -> Iterator[SimResult]:
+def run_seeds(
+    seeds: list[int], steps: int, jobs: int = 1, only: frozenset[str] | None = None
+) -> Iterator[SimResult]:
     if jobs <= 1:
         for seed in seeds:
-            yield _summary(seed, steps)
+            yield _summary(seed, steps, only)
         return
     with ProcessPoolExecutor(jobs) as pool:
-        yield from pool.map(_summary, seeds, [steps] * len(list(seeds)), chunksize=8)
+        yield from pool.map(_summary, seeds, [steps] * len(seeds), [only] * len(seeds), chunksize=8)
 
 
 def report(results: list[SimResult], seconds: float, *, every: bool) -> str:
@@ -66,9 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="steps per seed")
     parser.add_argument("--jobs", type=int, default=1, help="processes (the machine is shared: 1)")
     parser.add_argument("--all", action="store_true", help="print every violation, not one per invariant")
+    parser.add_argument(
+        "--only",
+        metavar="KINDS",
+        help="inject only these faults (comma-separated; 'none' for none): " + ", ".join(fault_kinds()),
+    )
     args = parser.parse_args(argv)
+    only = None if args.only is None else frozenset(k for k in args.only.split(",") if k and k != "none")
     if args.seed is not None:
-        result = run_seed(args.seed, args.steps)
+        result = run_seed(args.seed, args.steps, only)
         print("\n".join(result.trace))
         print(report([result], result.real_seconds, every=True))
         print(f"trace hash: {result.trace_hash}")
@@ -76,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results = []
     seeds = list(range(args.start, args.start + args.seeds))
-    for result in run_seeds(seeds, args.steps, args.jobs):
+    for result in run_seeds(seeds, args.steps, args.jobs, only):
         results.append(result)
         if len(results) % 100 == 0:
             print(f"... {len(results)} seeds", file=sys.stderr, flush=True)
