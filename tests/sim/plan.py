@@ -140,6 +140,13 @@ def fault_kinds() -> tuple[str, ...]:
     return (*FaultProfile.kinds(), *PLAN_FAULTS)
 
 
+def parse_only(text: str | None) -> frozenset[str] | None:
+    """`--only` as given: None (the seed's own mix of faults), "none", or "stop-fail,kill"."""
+    if text is None or text == "mix":
+        return None
+    return frozenset(k for k in text.split(",") if k and k != "none")
+
+
 def scenario(seed: int, steps: int, only: frozenset[str] | None = None) -> Scenario:
     """The seed's scenario; with `only`, every fault but those is switched off (empty: none)."""
     rng = random.Random(f"plan-{seed}")

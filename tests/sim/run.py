@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
 from tests.sim.invariants import Violation
-from tests.sim.plan import fault_kinds
+from tests.sim.plan import fault_kinds, parse_only
 from tests.sim.sim import Sim, SimResult
 
 DEFAULT_STEPS = 60
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         help="inject only these faults (comma-separated; 'none' for none): " + ", ".join(fault_kinds()),
     )
     args = parser.parse_args(argv)
-    only = None if args.only is None else frozenset(k for k in args.only.split(",") if k and k != "none")
+    only = parse_only(args.only)
     if args.seed is not None:
         result = run_seed(args.seed, args.steps, only)
         print("\n".join(result.trace))
