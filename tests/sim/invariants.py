@@ -1,5 +1,25 @@
 """The invariants, checked after every step, every few virtual seconds, and at the end.
 
+- world-owned: every engine the cloud runs belongs to exactly one live deployment row;
+- owner-alive: every live row is owned by the live lease holder (held in its controller);
+- stale-route: the holder routes only to READY deployments;
+- in-flight: each controller counts exactly the requests that are open against it;
+- request-wait: no request waits longer than the bound below;
+- queue-full: 503 queue_full only when max_waiting_requests clients really wait;
+- client-error / admin-error: a request ends with a route or an OpenAI error (a GatewayError;
+  admin calls: an envelope), never a bare exception;
+- idle-billing: no engine billed idle past its keep-hot time (pinned ones excepted);
+- after-hours: what ran at an after-hours firing is gone by the deadline below (when one lease
+  holder saw the firing and stayed up);
+- ledger-overlap / ledger-sum: per cluster, cost intervals do not overlap and add up to the time
+  the cloud ran it;
+- fencing: every provider side effect (launch, swap, stop, heartbeat) comes from the gateway that
+  holds a valid lease at that moment;
+- schedule-replay: schedule actions happen only within a tick of a firing;
+- lifespan / lease-released / final-state: startup and shutdown raise nothing and finish; a
+  gateway that shut down released the lease; after the last shutdown nothing runs, every row is
+  terminal and every cost interval closed.
+
 Slack, and why (all virtual seconds, see plan.py for the values):
 - a request waits at most COLD_START_TIMEOUT + DRAIN + STOP_MAX + 2 TICK: the timeout, the drain
   of a takeover victim or of the model's previous engine, the stop of a failed start (waiters are
@@ -7,6 +27,8 @@ Slack, and why (all virtual seconds, see plan.py for the values):
   for starts the reaper makes (pre-warm);
 - an idle engine goes within its keep-hot time + TICK (the reaper sees it) + STOP_MAX + TICK;
 - after an after-hours firing: + TICK (the tick that sees it) + DRAIN + STOP_MAX + TICK;
+- schedule actions: within TICK + 2 s of the firing (+ CHECK_EVERY for pre-warm events, which
+  the gateway stamps with the wall clock, so the checker dates them when it sees them);
 - the ledger matches the world within 2 TICK + 1 s, plus HEARTBEAT + TICK for a cluster that
   vanished without a stop (preempted, failsafe): the next heartbeat is how anyone can know;
 - an engine whose stop hangs or fails right now (or did less than 2 TICK + STOP_MAX ago, time

@@ -97,7 +97,7 @@ def _tmp_root() -> str | None:
 
 class Sim:
     def __init__(
-        self, seed: int, steps: int, *, only: frozenset[str] | None = None, real_budget: float = 120.0
+        self, seed: int, steps: int, *, only: frozenset[str] | None = None, real_budget: float = 300.0
     ) -> None:
         self.seed = seed
         self.scenario = scenario(seed, steps, only)

@@ -12,16 +12,17 @@ from pathlib import Path
 import pytest
 
 from tests.sim.plan import parse_only
-from tests.sim.run import report
+from tests.sim.run import report, run_seeds
 from tests.sim.sim import Sim
 
 pytestmark = pytest.mark.sim
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEDS = 200
-STEPS = 5  # ~0.15 s a seed here: 200 seeds in about 30 s (make sim runs longer seeds)
+STEPS = 5  # 0.2-0.35 s a seed on one core here; make sim runs longer seeds
+JOBS = min(2, os.cpu_count() or 1)  # seeds are independent processes' worth of work
 
-# Seeds that broke an invariant on the controller of 48b3a80 (before issue 9's redesign):
+# Seeds that break an invariant on the controller as of 5899567 (48b3a80 moved into packages):
 # (seed, steps, faults) -> (an invariant it breaks, the defect that shows; "review N" is the defect's
 # number in shared/review/code-review-48b3a80.md). `faults` is `--only`: "mix" is the seed's own
 # mix, "none" no fault at all. Replay one: python -m tests.sim --seed S --steps K --only F
@@ -156,7 +157,7 @@ REGRESSION_SEEDS: dict[tuple[int, int, str], tuple[str, str]] = {
 
 def test_every_seed_holds_every_invariant() -> None:
     started = time.perf_counter()
-    results = [Sim(seed, STEPS).run() for seed in range(SEEDS)]
+    results = list(run_seeds(list(range(SEEDS)), STEPS, jobs=JOBS))
     assert [r.seed for r in results] == list(range(SEEDS))  # none skipped
     assert all(r.steps == STEPS for r in results)
     assert sum(sum(r.faults.values()) for r in results) > 0  # the run injected faults
