@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test venv engine lint unit e2e bench bench-quick litellm wrk clean
+.PHONY: run test venv engine lint unit e2e sim bench bench-quick litellm wrk clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -34,6 +34,14 @@ e2e: venv engine
 
 test: venv engine lint
 	$(BIN)/pytest -q
+
+# The deterministic fault simulator (tests/sim) over many seeds: prints faults injected and every
+# invariant broken, by seed; `.venv/bin/python -m tests.sim --seed N` replays seed N with its trace.
+SEEDS ?= 2000
+STEPS ?= 40
+JOBS ?= 1
+sim: venv
+	$(BIN)/python -m tests.sim --seeds $(SEEDS) --steps $(STEPS) --jobs $(JOBS)
 
 clean:
 	rm -rf $(VENV) .venv-engine .venv-litellm data .mypy_cache .ruff_cache .pytest_cache
