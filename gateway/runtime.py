@@ -143,14 +143,7 @@ class Runtime:
         writer = Writer(db_executor)  # database writes that need not hold the loop go through it
         metrics = Metrics()
         activity = Activity()
-        usage = UsageRecorder(
-            store,
-            metrics,
-            writer,
-            raw_rows=settings.usage.raw_rows,
-            retention_days=settings.usage.retention_days,
-            rollup_retention_days=settings.usage.rollup_retention_days,
-        )
+        usage = usage_recorder(settings, store, metrics, writer)
         ctx = ControlContext(
             settings=settings,
             provider=FencedProvider(provider, lambda: lease.held),  # only the lease holder acts
@@ -252,6 +245,17 @@ class Runtime:
             await _guarded(step)
         self.store.close()
         log.info("gateway stopped")
+
+
+def usage_recorder(settings: Settings, store: Store, metrics: Metrics, writer: Writer) -> UsageRecorder:
+    return UsageRecorder(
+        store,
+        metrics,
+        writer,
+        raw_rows=settings.usage.raw_rows,
+        retention_days=settings.usage.retention_days,
+        rollup_retention_days=settings.usage.rollup_retention_days,
+    )
 
 
 def known_models(catalog: Catalog, store: Store, limit: int) -> list[KnownModel]:
