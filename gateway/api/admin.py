@@ -39,7 +39,6 @@ from gateway.api.schemas import (
     settings_view,
 )
 from gateway.config.reference import Catalog, ModelSpec, ReferenceError, load_reference
-from gateway.control.controller import Controller
 from gateway.control.fleet import Failure
 from state import Store
 
@@ -309,13 +308,5 @@ async def reload(settings: SettingsDep, catalog: CatalogDep, store: StoreDep) ->
 
 @router.post("/reset", summary="Reset", description="Unload every model and forget every failure.")
 async def reset(catalog: CatalogDep, controller: ControllerDep) -> ResetAllOut:
-    stopped = await stop_all(controller, catalog, kind="admin-reset", reason="reset by an admin")
+    stopped = await controller.stop_all(kind="admin-reset", reason="reset by an admin")
     return ResetAllOut(stopped=stopped, failures_reset=controller.reset_failures())
-
-
-async def stop_all(controller: Controller, catalog: Catalog, *, kind: str, reason: str) -> list[str]:
-    """Stop every model and name those whose engine or start was stopped (`stop_model` says so).
-    Candidates: the reference file's models and those with a live deployment (unlisted ones)."""
-    models = sorted(set(catalog.specs) | {view.model for view in controller.views()})
-    results = await asyncio.gather(*(controller.stop_model(m, kind=kind, reason=reason) for m in models))
-    return [model for model, stopped in zip(models, results, strict=True) if stopped]

@@ -76,10 +76,6 @@ class Activity:
     def in_flight_of(self, deployment_id: str) -> int:
         return self._by_deployment.get(deployment_id, 0)
 
-    def open_requests(self) -> int:
-        """Requests in flight, all models together."""
-        return sum(self._in_flight.values())
-
     def last_request(self, model: str) -> datetime | None:
         return self._last_request.get(model)
 

@@ -330,17 +330,10 @@ class Controller:
 
     # -- taking models down -----------------------------------------------------------------
 
-    def stop_soon(
-        self, model: str, *, kind: str, reason: str, force: bool = False
-    ) -> DeploymentRunner | None:
-        """Ask `model`'s ready deployment to stop; None if there is none or (without `force`)
-        it has requests in flight. It takes no new request from this moment on."""
-        runner = next((r for r in self.runners(model) if r.serving), None)
-        if runner is None:
-            return None
-        return runner if self.stop_deployment(runner.id, kind=kind, reason=reason, force=force) else None
-
     def stop_deployment(self, deployment_id: str, *, kind: str, reason: str, force: bool = False) -> bool:
+        """Ask a deployment to stop; False if there is none or (without `force`) it has requests
+        in flight. It takes no new request from this moment on; with `force`, requests in flight
+        get `drain_seconds`."""
         runner = self._runners.get(deployment_id)
         if runner is None or (not force and self.ctx.activity.in_flight_of(deployment_id) > 0):
             return False
@@ -356,6 +349,7 @@ class Controller:
         return bool(runners)
 
     async def stop_all(self, *, kind: str, reason: str) -> list[str]:
+        """Stop every deployment; the models that had one (what was stopped)."""
         models = sorted({r.model for r in self._runners.values()})
         await asyncio.gather(*(self.stop_model(m, kind=kind, reason=reason) for m in models))
         return models

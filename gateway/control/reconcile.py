@@ -52,8 +52,8 @@ def _take(listed: dict[str, ClusterInfo], ref: ClusterRef) -> ClusterInfo | None
     name an engine it found after a restart differently)."""
     found = listed.pop(ref.name, None)
     for name in [n for n, info in listed.items() if info.ref.deployment_id == ref.deployment_id]:
-        found = found or listed.pop(name)
-        listed.pop(name, None)
+        found = found or listed[name]
+        del listed[name]
     return found
 
 

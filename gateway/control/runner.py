@@ -263,11 +263,11 @@ class DeploymentRunner:
         await self._wait_previous()
         try:
             if self._adoption is None:
-                self._hold(None)  # priced from the settings until the provider says more
+                self.hold(None)  # priced from the settings until the provider says more
                 self._move(S.LAUNCHING)
                 self.ref = await self._launch()
                 self.last_beat = self.ctx.clock()  # the launch armed the failsafe
-                self._hold(self.ref)
+                self.hold(self.ref)
                 self.ctx.store.update_deployment(self.id, cluster=self.ref.name, handle=ref_json(self.ref))
                 self._move(S.LOADING)
             assert self.ref is not None
@@ -517,7 +517,7 @@ class DeploymentRunner:
 
     # -- store, ledger, events --------------------------------------------------------------
 
-    def _hold(self, ref: ClusterRef | None) -> None:
+    def hold(self, ref: ClusterRef | None) -> None:
         gpus = ref.gpus if ref is not None else self.spec.gpus_per_replica
         price = self.ctx.ledger.prices.hourly(ref, gpus, self.spec.accelerators or ())
         self.ctx.ledger.held(self.id, cluster=ref.name if ref else None, gpus=gpus, hourly_price=price)
@@ -525,11 +525,8 @@ class DeploymentRunner:
     def rehold(self, ref: ClusterRef) -> None:
         """After a takeover: the cost starts now, on the victim's cluster (before, it held nothing)."""
         self.ctx.ledger.discard(self.id)
-        self._hold(ref)
+        self.hold(ref)
         self.ctx.ledger.state(self.id, self.model, S.LAUNCHING, self.ctx.clock())
-
-    def reprice(self, ref: ClusterRef) -> None:
-        self._hold(ref)
 
     def _move(self, new: DeploymentState, **fields: Any) -> None:
         """Store (compare-and-swap), memory, then ledger; a ledger write that fails after the

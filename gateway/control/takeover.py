@@ -55,7 +55,7 @@ class Takeover:
         requester.rehold(ref)
         swapped = await self.ctx.provider.swap(ref, requester.launch_spec)
         requester.receive_cluster(swapped)
-        requester.reprice(swapped)
+        requester.hold(swapped)  # the swapped ref's price
         self.ctx.store.record_event(
             kind="takeover",
             model=spec.id,

@@ -64,7 +64,7 @@ async def test_never_stopped_with_a_request_in_flight(tmp_path: Path, stub_url: 
         dep = app.state.controller.route("org/chat").deployment_id
         activity.begin("org/chat", clock(), dep)  # a long request is running
         assert await app.state.reaper.tick(clock.advance(3600)) == []
-        assert app.state.controller.stop_soon("org/chat", kind="idle-stop", reason="test") is None
+        assert not app.state.controller.stop_deployment(dep, kind="idle-stop", reason="test")
         activity.end("org/chat", clock(), dep)
         assert len(await app.state.reaper.tick(clock.advance(2))) == 1
 
