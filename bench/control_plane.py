@@ -130,7 +130,7 @@ async def measure(
         app.state.catalog,
     )
     t0 = time.perf_counter()
-    store.create_all()
+    store.upgrade()
     store.upsert_models(
         ModelRecord(id=s.id, gpus_per_replica=s.gpus_per_replica, priority=s.priority, kind=s.kind)
         for s in catalog.specs.values()

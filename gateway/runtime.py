@@ -137,7 +137,7 @@ class Runtime:
             load_reference(settings.model_reference), allow_unlisted=settings.allow_unlisted_models
         )
         store = Store(settings.resolved_database_url)
-        store.create_all()
+        store.prepare(upgrade_allowed=settings.upgrade_database_on_start)
         provider = provider or build_provider(settings)
         lease = ControllerLease(store, clock, seconds=settings.controller_lease_seconds)
         writer = Writer(db_executor)  # database writes that need not hold the loop go through it

@@ -22,8 +22,9 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import Float
-from sqlmodel import Session, SQLModel, col, create_engine, select
+from sqlmodel import Session, col, create_engine, select
 
+from state import schema
 from state.machine import TERMINAL, TIMESTAMP_COLUMN, DeploymentState, check_transition
 from state.tables import (
     ControllerLease,
@@ -35,10 +36,8 @@ from state.tables import (
     UTCDateTime,
     utcnow,
 )
+from state.schema import SchemaStatus
 from state.usage_store import UsageStore
-
-# Indexes of tables that existed before them.
-ADDED_INDEXES = [i for i in CostInterval.__table__.indexes if i.name == "ix_cost_ended"]  # type: ignore[attr-defined]
 
 # How long a SQLite connection waits for a lock held by another writer before failing.
 SQLITE_BUSY_TIMEOUT_MS = 5000
@@ -129,12 +128,18 @@ class Store(UsageStore):
         self.url = url
         self.engine = make_engine(url)
 
-    def create_all(self) -> None:
-        """Create missing tables, and the indexes added since a table was first created (no
-        migrations yet: create_all alone skips the indexes of an existing table)."""
-        SQLModel.metadata.create_all(self.engine)
-        for index in ADDED_INDEXES:
-            index.create(self.engine, checkfirst=True)
+    def status(self) -> SchemaStatus:
+        """The schema's revision and this code's (SchemaError: tables of unknown origin)."""
+        return schema.status(self.engine)
+
+    def upgrade(self) -> SchemaStatus:
+        """Bring the schema to this code's revision (Alembic; see state.schema)."""
+        return schema.upgrade(self.engine)
+
+    def prepare(self, *, upgrade_allowed: bool) -> SchemaStatus:
+        """At startup: create an empty database, refuse (SchemaError) one of another revision
+        unless `upgrade_allowed` and it is older."""
+        return schema.prepare(self.engine, upgrade_allowed=upgrade_allowed)
 
     def close(self) -> None:
         self.engine.dispose()

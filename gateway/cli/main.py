@@ -12,6 +12,7 @@ import uvicorn
 from pydantic import SecretStr
 
 from gateway.cli.admin import admin
+from gateway.cli.db import db
 from gateway.cli.weights import weights
 from gateway.config.reference import ReferenceError
 from gateway.config.settings import ConfigFileError, load_settings
@@ -38,11 +39,16 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Listen port (overrides settings).")] = None,
     dev: Annotated[
         bool,
-        typer.Option("--dev", help="Development: without an admin_token, generate one and print it once."),
+        typer.Option(
+            "--dev",
+            help="Development: without an admin_token, generate one and print it once; upgrade an older "
+            "database schema.",
+        ),
     ] = False,
 ) -> None:
     """Start the gateway (settings: defaults < --config file < LLMGW_* environment < flags)."""
     from gateway.app import ProviderUnavailable, create_app
+    from state.schema import SchemaError
 
     overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     try:
@@ -62,10 +68,12 @@ def serve(
         settings = settings.model_copy(update={"admin_token": SecretStr(generated)})
         # Printed once, to the terminal only (not through logging): it is needed for /admin.
         typer.echo(f"llm-gateway --dev: admin token for this run: {generated}", err=True)
+    if dev:
+        settings = settings.model_copy(update={"upgrade_database_on_start": True})
     setup_logging(settings.log_level)
     try:
         application = create_app(settings)
-    except (ReferenceError, ProviderUnavailable) as exc:
+    except (ReferenceError, ProviderUnavailable, SchemaError) as exc:
         typer.echo(f"llm-gateway: {exc}", err=True)
         raise typer.Exit(2) from exc
     uvicorn.run(
@@ -127,6 +135,7 @@ def export(
 
 app.add_typer(admin, name="admin")
 app.add_typer(weights, name="weights")
+app.add_typer(db, name="db")
 
 
 def main() -> None:

@@ -201,7 +201,16 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     data_dir: Path = DEFAULT_DATA_DIR
-    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL (sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST/DB); "
+        "default: SQLite in data_dir.",
+    )
+    upgrade_database_on_start: bool = Field(
+        False,
+        description="Upgrade an older database schema at startup (--dev sets it); otherwise startup "
+        "refuses one and `llm-gateway db upgrade` does it. An empty database is always created.",
+    )
     model_reference: Path = Path("model_reference.json")
     provider: Literal["local", "skypilot"] = "local"
     admin_token: SecretStr | None = None

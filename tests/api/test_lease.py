@@ -20,7 +20,7 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 def test_lease_is_exclusive_until_expiry(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    store.create_all()
+    store.upgrade()
     assert store.acquire_lease("a", now=T0, until=T0 + timedelta(seconds=10))
     assert not store.acquire_lease("b", now=T0 + timedelta(seconds=5), until=T0 + timedelta(seconds=15))
     assert store.acquire_lease("a", now=T0 + timedelta(seconds=5), until=T0 + timedelta(seconds=15))  # renew

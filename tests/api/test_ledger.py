@@ -126,7 +126,7 @@ async def test_restart_resumes_adopted_and_closes_the_rest(tmp_path: Path, stub_
     clock = FakeClock()
     settings = make_settings(tmp_path, MODELS, costs=PRICES)
     store = Store(settings.resolved_database_url)
-    store.create_all()
+    store.upgrade()
     start = clock()
 
     def crashed(dep_id: str, model: str) -> ClusterRef:

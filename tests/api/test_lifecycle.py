@@ -125,7 +125,7 @@ async def test_shutdown_during_cold_start_stops_the_launching_engine(tmp_path: P
 async def test_recover_stops_what_a_crashed_gateway_left(tmp_path: Path, stub_url: str) -> None:
     settings = make_settings(tmp_path)
     store = Store(settings.resolved_database_url)
-    store.create_all()
+    store.upgrade()
     store.create_deployment(deployment_id="orphan1", model="org/chat", provider="fake", gpus=1)
     store.transition("orphan1", expected=DeploymentState.PENDING, new=DeploymentState.LAUNCHING)
     ref = ClusterRef(

@@ -56,7 +56,7 @@ async def test_heartbeat_rearms_the_failsafe_every_third(tmp_path: Path, chat_st
 
 def seed(settings, dep_id: str, model: str, state: DeploymentState, *, name: str | None = None) -> str:
     store = Store(settings.resolved_database_url)
-    store.create_all()
+    store.upgrade()
     store.create_deployment(deployment_id=dep_id, model=model, provider="skypilot", gpus=1)
     for step in (DeploymentState.LAUNCHING, DeploymentState.LOADING, DeploymentState.READY):
         store.transition(dep_id, expected=DeploymentState(store.get_deployment(dep_id).state), new=step)
@@ -78,7 +78,7 @@ def seed(settings, dep_id: str, model: str, state: DeploymentState, *, name: str
 async def launch_cluster(client: FakeSkyClient, dep_id: str, model: str, settings) -> str:
     """A cluster an earlier gateway process of this installation launched (same key, same label)."""
     store = Store(settings.resolved_database_url)
-    store.create_all()
+    store.upgrade()
     instance = store.instance_id()
     store.close()
     key = hmac.new(gateway_secret(settings), dep_id.encode(), hashlib.sha256).hexdigest()

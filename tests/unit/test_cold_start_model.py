@@ -25,7 +25,7 @@ def test_every_phase_has_a_source_and_each_lever_cuts() -> None:
 def test_measured_phases_come_from_the_stores_timestamps(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'g.db'}"
     store = Store(url)
-    store.create_all()
+    store.upgrade()
     t0 = datetime(2026, 11, 27, 9, tzinfo=UTC)
     for dep, launch, load in [("a", 200, 300), ("b", 100, 400), ("c", 150, 350)]:
         store.create_deployment(deployment_id=dep, model="org/m", provider="skypilot", gpus=1, at=t0)

@@ -18,7 +18,7 @@ T0 = datetime(2026, 11, 2, 15, 0, tzinfo=UTC)
 
 def test_database_sums_equal_the_python_sums(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'gw.db'}")
-    store.create_all()
+    store.upgrade()
     rnd = random.Random(7)
     for d in range(40):
         at = T0 + timedelta(seconds=rnd.uniform(0, 3600))
@@ -50,12 +50,12 @@ def test_database_sums_equal_the_python_sums(tmp_path: Path) -> None:
 def test_create_all_adds_the_open_interval_index_to_an_existing_database(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'gw.db'}"
     old = Store(url)
-    old.create_all()
+    old.upgrade()
     with old.engine.begin() as conn:  # a database made before the index existed
         conn.execute(text("DROP INDEX ix_cost_ended"))
     old.close()
     store = Store(url)
-    store.create_all()
+    store.upgrade()
     with store.engine.connect() as conn:
         plan = " ".join(
             str(row[-1])

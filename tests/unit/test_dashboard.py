@@ -270,7 +270,7 @@ async def test_series_from_startup_are_capped_to_the_most_recently_used_models(
     models = {f"m{i}": {} for i in range(6)}
     settings = make_settings(tmp_path, models, metrics_known_models=3)
     store = Store(settings.resolved_database_url)
-    store.create_all()
+    store.upgrade()
     store.touch_models({"m4": datetime(2026, 11, 1, tzinfo=UTC), "m2": datetime(2026, 11, 2, tzinfo=UTC)})
     store.close()
     async with running_gateway(settings, FakeProvider(endpoint=stub_url)) as (_, client):

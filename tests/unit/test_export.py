@@ -38,7 +38,7 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     st = Store(f"sqlite:///{tmp_path / 'gw.db'}")
-    st.create_all()
+    st.upgrade()
     # An interval from the day before into DAY, one inside DAY, one still open, one on the next day.
     for dep, phase, start, end in [
         ("d1", "serving", D0 - timedelta(hours=2), D0 + timedelta(hours=1)),

@@ -33,7 +33,7 @@ def test_transition_table_shape() -> None:
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     st = Store(f"sqlite:///{tmp_path / 'db' / 'gw.db'}")
-    st.create_all()
+    st.upgrade()
     return st
 
 

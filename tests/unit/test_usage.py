@@ -49,7 +49,7 @@ def rec(
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     st = Store(f"sqlite:///{tmp_path / 'gw.db'}")
-    st.create_all()
+    st.upgrade()
     yield st
     st.close()
 
@@ -119,7 +119,7 @@ async def test_a_failed_write_is_kept_and_written_once_at_the_next_flush(store: 
         conn.execute(text("DROP TABLE usage"))
     assert await usage.flush() == 0
     usage.record(rec(T0 + timedelta(seconds=10), body=answer(5, 6)))  # recorded meanwhile
-    store.create_all()
+    store.upgrade()
     assert await usage.flush() == 3
     assert await usage.flush() == 0  # nothing left over, nothing twice
     [buffered] = [r for r in store.usage_minutes() if not r.stream]

@@ -96,7 +96,7 @@ def test_close_runs_what_is_queued_then_refuses_work() -> None:
 
 async def test_store_writes_through_the_writer_while_the_loop_keeps_running(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'gw.db'}")
-    store.create_all()
+    store.upgrade()
     writer = Writer()
     ticks = 0
 
