@@ -15,6 +15,7 @@ from gateway.app import create_app
 from gateway.clock import Clock, system_clock
 from gateway.config.settings import Settings
 from tasks.provider import Provider
+from tests import pg
 from tests.stub_upstream import make_app, serve_in_thread
 
 # Nothing in the suite may reach a SkyPilot API server by accident.
@@ -27,6 +28,27 @@ for key in [k for k in os.environ if k.startswith("LLMGW_")]:
 def stub_url() -> Iterator[str]:
     with serve_in_thread(make_app()) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[pg.PostgresServer]:
+    """One PostgreSQL server for the session (tests/pg.py). Missing PostgreSQL is a failure,
+    not a skip: `make test` installs it."""
+    bindir = pg.find_bin()
+    if bindir is None:
+        pytest.fail(pg.INSTALL_HINT)
+    server = pg.start(bindir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database of each kind: a SQLite file, or a new database on the session's server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db' / 'gw.db'}"
+    server: pg.PostgresServer = request.getfixturevalue("postgres")
+    return server.create_database()
 
 
 ADMIN_TOKEN = "test-admin-token-0123456789"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from tests.fakes import FakeProvider
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def test_lease_is_exclusive_until_expiry(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+def test_lease_is_exclusive_until_expiry(db_url: str) -> None:
+    store = Store(db_url)
     store.upgrade()
     assert store.acquire_lease("a", now=T0, until=T0 + timedelta(seconds=10))
     assert not store.acquire_lease("b", now=T0 + timedelta(seconds=5), until=T0 + timedelta(seconds=15))
@@ -47,8 +48,10 @@ def test_dead_holders_on_this_host_are_recognised() -> None:
     assert not holder_is_dead("other-host:1:1:ab")  # another host: only expiry tells
 
 
-async def test_second_gateway_stands_by_until_the_first_is_gone(tmp_path: Path, stub_url: str) -> None:
-    settings = make_settings(tmp_path, controller_lease_seconds=0.6)
+async def test_second_gateway_stands_by_until_the_first_is_gone(
+    tmp_path: Path, stub_url: str, db_url: str
+) -> None:
+    settings = make_settings(tmp_path, controller_lease_seconds=0.6, database_url=db_url)
     async with running_gateway(settings, FakeProvider(endpoint=stub_url)) as (first, _):
         second = create_app(settings, provider=FakeProvider(endpoint=stub_url))
         started = asyncio.Event()
@@ -68,9 +71,9 @@ async def test_second_gateway_stands_by_until_the_first_is_gone(tmp_path: Path, 
     assert holder
 
 
-async def test_a_lost_lease_stops_the_gateway(tmp_path: Path, stub_url: str) -> None:
+async def test_a_lost_lease_stops_the_gateway(tmp_path: Path, stub_url: str, db_url: str) -> None:
     clock = FakeClock()
-    settings = make_settings(tmp_path, controller_lease_seconds=0.3)
+    settings = make_settings(tmp_path, controller_lease_seconds=0.3, database_url=db_url)
     lost = asyncio.Event()
     app = create_app(settings, provider=FakeProvider(endpoint=stub_url), clock=clock, on_lease_lost=lost.set)
     async with app.router.lifespan_context(app):
@@ -79,3 +82,21 @@ async def test_a_lost_lease_stops_the_gateway(tmp_path: Path, stub_url: str) -> 
         clock.advance(1)  # our lease expired (we "stalled") and another gateway takes it
         assert thief.try_acquire()
         await asyncio.wait_for(lost.wait(), 5)
+
+
+def test_only_one_of_many_concurrent_takers_gets_an_expired_lease(db_url: str) -> None:
+    """The compare-and-swap under contention: 16 threads (each its own connection) race for
+    a lease that has just expired, and for the first row of an empty table."""
+    store = Store(db_url)
+    store.upgrade()
+    later = T0 + timedelta(seconds=20)
+
+    def take(i: int, now: datetime) -> bool:
+        return store.acquire_lease(f"g{i}", now=now, until=now + timedelta(seconds=10))
+
+    with ThreadPoolExecutor(16) as pool:
+        first = list(pool.map(lambda i: take(i, T0), range(16)))
+        second = list(pool.map(lambda i: take(100 + i, later), range(16)))
+    assert first.count(True) == 1 and second.count(True) == 1
+    assert store.lease().holder == f"g{100 + second.index(True)}"
+    store.close()

@@ -122,7 +122,8 @@ def _launch(tmp_path: Path, config_file: Path, config: dict[str, Any]) -> Gatewa
             env=env,
             start_new_session=True,
         )
-    gw = GatewayProcess(process, f"http://127.0.0.1:{port}", f"sqlite:///{data / 'gateway.db'}", log)
+    db_url = config.get("database_url") or f"sqlite:///{data / 'gateway.db'}"
+    gw = GatewayProcess(process, f"http://127.0.0.1:{port}", db_url, log)
     deadline = time.monotonic() + 30
     while True:
         if process.poll() is not None:

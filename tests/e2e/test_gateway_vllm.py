@@ -21,11 +21,17 @@ CLEAN_EXIT = {0, -signal.SIGTERM}
 MESSAGES = [{"role": "user", "content": "Hello, who are you?"}]
 
 
-@pytest.fixture(scope="module")
-def hot_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def hot_gateway(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """One gateway (and engine) per store: SQLite in its data_dir, a database on PostgreSQL."""
     from tests.e2e.conftest import start_gateway
 
-    gw = start_gateway(tmp_path_factory.mktemp("hot"))
+    database: dict[str, str] = {}
+    if request.param == "postgresql":
+        database["database_url"] = request.getfixturevalue("postgres").create_database()
+    gw = start_gateway(tmp_path_factory.mktemp("hot"), **database)
     try:
         yield gw
     finally:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 
 from state import CostInterval, Store
 from state.store import _totals_in_python
@@ -16,8 +14,8 @@ from state.store import _totals_in_python
 T0 = datetime(2026, 11, 2, 15, 0, tzinfo=UTC)
 
 
-def test_database_sums_equal_the_python_sums(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'gw.db'}")
+def test_database_sums_equal_the_python_sums(db_url: str) -> None:
+    store = Store(db_url)
     store.upgrade()
     rnd = random.Random(7)
     for d in range(40):
@@ -44,24 +42,4 @@ def test_database_sums_equal_the_python_sums(tmp_path: Path) -> None:
     for key, (gpu_s, dollars) in expected.items():
         assert got[key][0] == pytest.approx(gpu_s, abs=1e-6)
         assert got[key][1] == pytest.approx(dollars, abs=1e-9)
-    store.close()
-
-
-def test_create_all_adds_the_open_interval_index_to_an_existing_database(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'gw.db'}"
-    old = Store(url)
-    old.upgrade()
-    with old.engine.begin() as conn:  # a database made before the index existed
-        conn.execute(text("DROP INDEX ix_cost_ended"))
-    old.close()
-    store = Store(url)
-    store.upgrade()
-    with store.engine.connect() as conn:
-        plan = " ".join(
-            str(row[-1])
-            for row in conn.execute(
-                text("EXPLAIN QUERY PLAN SELECT id FROM cost_intervals WHERE ended_at IS NULL")
-            )
-        )
-    assert "ix_cost_ended" in plan
     store.close()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,13 +32,16 @@ def test_transition_table_shape() -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    st = Store(f"sqlite:///{tmp_path / 'db' / 'gw.db'}")
+def store(db_url: str) -> Iterator[Store]:
+    st = Store(db_url)
     st.upgrade()
-    return st
+    yield st
+    st.close()
 
 
-def test_sqlite_is_in_wal_mode(store: Store) -> None:
+def test_sqlite_is_in_wal_mode(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'gw.db'}")
+    store.upgrade()
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlmodel import SQLModel
 
 from gateway.accounting.metrics import Metrics
 from gateway.accounting.usage import UsageRecord, UsageRecorder, body_tokens
@@ -47,8 +47,8 @@ def rec(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    st = Store(f"sqlite:///{tmp_path / 'gw.db'}")
+def store(db_url: str) -> Iterator[Store]:
+    st = Store(db_url)
     st.upgrade()
     yield st
     st.close()
@@ -119,7 +119,7 @@ async def test_a_failed_write_is_kept_and_written_once_at_the_next_flush(store: 
         conn.execute(text("DROP TABLE usage"))
     assert await usage.flush() == 0
     usage.record(rec(T0 + timedelta(seconds=10), body=answer(5, 6)))  # recorded meanwhile
-    store.upgrade()
+    SQLModel.metadata.create_all(store.engine)  # the tables are back
     assert await usage.flush() == 3
     assert await usage.flush() == 0  # nothing left over, nothing twice
     [buffered] = [r for r in store.usage_minutes() if not r.stream]

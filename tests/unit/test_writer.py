@@ -7,7 +7,6 @@ import asyncio
 import logging
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -94,8 +93,8 @@ def test_close_runs_what_is_queued_then_refuses_work() -> None:
     writer.close()  # idempotent
 
 
-async def test_store_writes_through_the_writer_while_the_loop_keeps_running(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'gw.db'}")
+async def test_store_writes_through_the_writer_while_the_loop_keeps_running(db_url: str) -> None:
+    store = Store(db_url)
     store.upgrade()
     writer = Writer()
     ticks = 0
