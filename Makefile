@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test venv engine lint unit e2e sim bench bench-quick litellm wrk clean
+.PHONY: run test venv engine lint unit e2e sim bench bench-quick litellm wrk postgres clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -26,13 +26,13 @@ lint: venv
 	$(BIN)/mypy
 
 # Unit and API tests only: seconds, no engine needed.
-unit: venv
+unit: venv postgres
 	$(BIN)/pytest -q -m "not e2e"
 
-e2e: venv engine
+e2e: venv engine postgres
 	$(BIN)/pytest -q -m e2e
 
-test: venv engine lint
+test: venv engine lint postgres
 	$(BIN)/pytest -q
 
 # The deterministic fault simulator (tests/sim) over many seeds: prints faults injected and every
@@ -58,6 +58,13 @@ wrk:
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } || \
 		echo "!! wrk is missing (apt-get install wrk): the bench uses its Python load generator"
+
+# The store tests run on PostgreSQL too: they start a server of their own from Debian's binaries
+# (tests/pg.py), so the package's own cluster is not made and its service is not started.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+		scripts/install_postgres.sh; } || \
+		echo "!! PostgreSQL is missing (apt-get install postgresql): its tests will fail"
 
 # Optional (~750 MB, its own venv): LiteLLM's proxy side by side in the proxy benchmark.
 litellm:

@@ -74,7 +74,7 @@ def _status(conn: Connection) -> SchemaStatus:
     stamped = True
     if current is None:
         tables = set(inspect(conn).get_table_names())
-        if RELEASED_TABLES <= tables:
+        if tables >= RELEASED_TABLES:
             current, stamped = FIRST_REVISION, False
         elif tables & set(SQLModel.metadata.tables):
             raise SchemaError(

@@ -26,6 +26,7 @@ from sqlmodel import Session, col, create_engine, select
 
 from state import schema
 from state.machine import TERMINAL, TIMESTAMP_COLUMN, DeploymentState, check_transition
+from state.schema import SchemaStatus
 from state.tables import (
     ControllerLease,
     CostInterval,
@@ -36,7 +37,6 @@ from state.tables import (
     UTCDateTime,
     utcnow,
 )
-from state.schema import SchemaStatus
 from state.usage_store import UsageStore
 
 # How long a SQLite connection waits for a lock held by another writer before failing.

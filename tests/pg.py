@@ -87,22 +87,14 @@ def start(bindir: Path) -> PostgresServer:
         owner = pwd.getpwnam("postgres")
         os.chown(root, owner.pw_uid, owner.pw_gid)
     data = root / "data"
-    subprocess.run(
-        _as_owner(
-            [str(bindir / "initdb"), "-D", str(data), "-U", SUPERUSER, "-A", "trust", "-E", "UTF8"]
-            + ["--no-sync", "--no-instructions"]
-        ),
-        check=True,
-        capture_output=True,
-    )
+    initdb = [str(bindir / "initdb"), "-D", str(data), "-U", SUPERUSER, "-A", "trust", "-E", "UTF8"]
+    subprocess.run(_as_owner([*initdb, "--no-sync"]), check=True, capture_output=True)
     port = free_port()
     log = (root / "postgres.log").open("ab")
     argv = [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(root)]
     argv += ["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off"]
     argv += ["-c", "synchronous_commit=off", "-c", "max_connections=200"]
-    process = subprocess.Popen(
-        _as_owner(argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    process = subprocess.Popen(_as_owner(argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = PostgresServer(root, port, process, 0.0)
     _wait_ready(server)
     server.started_seconds = time.monotonic() - t0

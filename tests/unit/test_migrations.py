@@ -133,7 +133,9 @@ def test_startup_refuses_a_newer_database_and_an_older_one_unless_allowed(
 ) -> None:
     settings = make_settings(tmp_path, database_url=db_url)
     at_revision(db_url, FIRST_REVISION).close()
-    with pytest.raises(SchemaError, match=f"revision {FIRST_REVISION}; this code.s revision is {HEAD}.*db upgrade"):
+    with pytest.raises(
+        SchemaError, match=f"revision {FIRST_REVISION}; this code.s revision is {HEAD}.*db upgrade"
+    ):
         create_app(settings, provider=FakeProvider())
     upgraded = settings.model_copy(update={"upgrade_database_on_start": True})  # what --dev sets
     create_app(upgraded, provider=FakeProvider()).state.store.close()

@@ -11,6 +11,8 @@ Create Date: 2026-12-01
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -75,7 +77,7 @@ def upgrade() -> None:
         _usage_minutes()
     if "ix_cost_ended" not in {i["name"] for i in inspector.get_indexes("cost_intervals")}:
         op.create_index("ix_cost_ended", "cost_intervals", ["ended_at"])
-    overrides = [
+    overrides: list[sa.Column[Any]] = [
         sa.Column("priority_override", sa.Integer(), nullable=True),
         sa.Column("keep_hot_override", sa.Float(), nullable=True),
     ]
