@@ -75,4 +75,6 @@ def revision(message: Annotated[str, typer.Option("--message", "-m", help="What 
             config.set_main_option("file_template", "%%(rev)s_%%(slug)s")
             command.revision(config, message=message, autogenerate=True, rev_id=next_id)
         store.close()
-    typer.echo(f"written: {MIGRATIONS / 'versions'}/{next_id}_*.py (review it, `ruff format` it, run tests/unit/test_migrations.py)")
+    typer.echo(
+        f"written: {MIGRATIONS / 'versions'}/{next_id}_*.py (review it, `ruff format` it, run tests/unit/test_migrations.py)"
+    )
