@@ -1,6 +1,7 @@
 """The store: every read and write of persistent state goes through here.
 
-SQLite by default (WAL mode, so readers never block the writer); any SQLAlchemy URL works.
+SQLite by default (WAL mode, so readers never block the writer), or PostgreSQL (psycopg); the
+schema is Alembic's (state.schema, state/migrations).
 Deployment state changes are compare-and-swap: `UPDATE ... WHERE id = :id AND state = :expected`,
 so two writers can never both move a deployment out of the same state.
 """
@@ -38,6 +39,9 @@ from state.tables import (
     utcnow,
 )
 from state.usage_store import UsageStore
+
+# Ids per `IN (...)` list: well under SQLite's limit of bound parameters.
+_IN_CHUNK = 1000
 
 # How long a SQLite connection waits for a lock held by another writer before failing.
 SQLITE_BUSY_TIMEOUT_MS = 5000
@@ -162,11 +166,19 @@ class Store(UsageStore):
     # -- models ---------------------------------------------------------------------------
 
     def upsert_models(self, records: Iterable[ModelRecord]) -> None:
+        batch = list(records)
         with Session(self.engine) as s:
-            for rec in records:
-                row = s.get(ModelRecord, rec.id)
+            rows: dict[str, ModelRecord] = {}
+            for start in range(0, len(batch), _IN_CHUNK):  # one query per chunk, not per model
+                ids = [r.id for r in batch[start : start + _IN_CHUNK]]
+                rows.update(
+                    (r.id, r) for r in s.exec(select(ModelRecord).where(col(ModelRecord.id).in_(ids)))
+                )
+            for rec in batch:
+                row = rows.get(rec.id)
                 if row is None:
-                    s.add(ModelRecord.model_validate(rec.model_dump()))
+                    rows[rec.id] = ModelRecord.model_validate(rec.model_dump())
+                    s.add(rows[rec.id])
                 else:
                     row.gpus_per_replica = rec.gpus_per_replica
                     row.priority = rec.priority
