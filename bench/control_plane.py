@@ -30,7 +30,6 @@ from bench.stats import median
 from bench.suite import Context
 from gateway.app import create_app
 from gateway.config.settings import Settings
-from state import ModelRecord
 from tests.fakes import FakeProvider
 
 NAME = "control_plane"
@@ -119,24 +118,14 @@ async def measure(
     settings: Settings, *, models: int, live: int, ticks: int, busy_ticks: int
 ) -> dict[str, Any]:
     """Build the gateway's parts in-process (its startup writes, without its background loop),
-    launch `live` deployments, then time ticks. Nothing is torn down at the end: the fake
-    provider holds no process, and the SQLite file goes with the temporary directory."""
+    launch `live` deployments, then time ticks. The gateway's shutdown stops them (the fake
+    provider holds no process; the SQLite file goes with the temporary directory)."""
     clock = FakeClock()
     app = create_app(settings, provider=FakeProvider(), clock=clock)
-    store, controller, reaper, catalog = (
-        app.state.store,
-        app.state.controller,
-        app.state.reaper,
-        app.state.catalog,
-    )
+    controller, reaper, catalog = app.state.controller, app.state.reaper, app.state.catalog
     t0 = time.perf_counter()
-    store.create_all()
-    store.upsert_models(
-        ModelRecord(id=s.id, gpus_per_replica=s.gpus_per_replica, priority=s.priority, kind=s.kind)
-        for s in catalog.specs.values()
-    )
-    startup = time.perf_counter() - t0
-    try:
+    async with app.router.lifespan_context(app):  # takes the lease: the control loop may act
+        startup = time.perf_counter() - t0
         reaper.last_tick = clock()
         baseline = [(await _timed_tick(reaper, clock))[0] for _ in range(ticks)]
         specs = list(catalog.specs.values())[:live]
@@ -154,8 +143,6 @@ async def measure(
                 controller.activity.begin(spec.id, now)
                 controller.activity.end(spec.id, now)
             busy.append(await _timed_tick(reaper, clock))
-    finally:
-        store.close()
     return {
         "models": models,
         "live_deployments": live,
