@@ -40,8 +40,8 @@ from state.tables import (
 )
 from state.usage_store import UsageStore
 
-# Ids per `IN (...)` list: well under SQLite's limit of bound parameters.
-_IN_CHUNK = 1000
+# Ids per `IN (...)` list: below SQLite's limit of bound parameters in one statement.
+IN_CHUNK = 900
 
 # How long a SQLite connection waits for a lock held by another writer before failing.
 SQLITE_BUSY_TIMEOUT_MS = 5000
@@ -165,24 +165,23 @@ class Store(UsageStore):
 
     # -- models ---------------------------------------------------------------------------
 
-    def upsert_models(self, records: Iterable[ModelRecord]) -> None:
-        batch = list(records)
+    def upsert_models(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Write the reference file's values of every model (`id` and the columns to set): one
+        bulk insert of the new ones and one bulk update of the known ones (10,000 models in well
+        under a second; no ORM object per model)."""
+        values = {r["id"]: {k: v for k, v in r.items() if k != "id"} for r in records}
         with Session(self.engine) as s:
-            rows: dict[str, ModelRecord] = {}
-            for start in range(0, len(batch), _IN_CHUNK):  # one query per chunk, not per model
-                ids = [r.id for r in batch[start : start + _IN_CHUNK]]
-                rows.update(
-                    (r.id, r) for r in s.exec(select(ModelRecord).where(col(ModelRecord.id).in_(ids)))
-                )
-            for rec in batch:
-                row = rows.get(rec.id)
-                if row is None:
-                    rows[rec.id] = ModelRecord.model_validate(rec.model_dump())
-                    s.add(rows[rec.id])
-                else:
-                    row.gpus_per_replica = rec.gpus_per_replica
-                    row.priority = rec.priority
-                    row.kind = rec.kind
+            known: set[str] = set()
+            ids = list(values)
+            for start in range(0, len(ids), IN_CHUNK):
+                chunk = ids[start : start + IN_CHUNK]
+                known.update(s.exec(select(ModelRecord.id).where(col(ModelRecord.id).in_(chunk))))
+            new = [{"id": m, **v} for m, v in values.items() if m not in known]
+            old = [{"id": m, **v} for m, v in values.items() if m in known]
+            if new:
+                s.execute(insert(ModelRecord), new)
+            if old:
+                s.execute(update(ModelRecord), old)
             s.commit()
 
     def touch_models(
