@@ -159,9 +159,15 @@ def test_an_empty_database_is_created_at_startup(tmp_path: Path, db_url: str) ->
     store.close()
 
 
-def test_db_current_and_upgrade_commands(db_url: str) -> None:
+def test_serve_refuses_then_db_upgrade_upgrades(tmp_path: Path, db_url: str) -> None:
     at_revision(db_url, FIRST_REVISION).close()
     env = {"LLMGW_DATABASE_URL": db_url}
+    reference = make_settings(tmp_path).model_reference
+    serve_env = {**env, "LLMGW_MODEL_REFERENCE": str(reference), "LLMGW_ADMIN_TOKEN": "t" * 32}
+    refused = CliRunner().invoke(cli, ["serve"], env=serve_env)
+    assert refused.exit_code == 2
+    assert f"revision {FIRST_REVISION}; this code's revision is {HEAD}" in refused.output
+    assert "llm-gateway db upgrade" in refused.output
     current = CliRunner().invoke(cli, ["db", "current"], env=env)
     assert (
         current.exit_code == 0
