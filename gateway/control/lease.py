@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import socket
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -58,6 +59,10 @@ class ControllerLease:
         self.holder = holder_id()
         self._valid_until: float | None = None  # event-loop time
         self.lost = False
+        # A renewal runs in a thread that cancelling `keep` does not stop: it must not write the
+        # row again after `release` deleted it (the lease would stay held by a stopped gateway).
+        self._write = threading.Lock()
+        self._released = False
 
     @property
     def held(self) -> bool:
@@ -66,11 +71,14 @@ class ControllerLease:
         return asyncio.get_running_loop().time() < self._valid_until
 
     def try_acquire(self) -> bool:
-        now = self.clock()
-        current = self.store.lease()
-        steal = current.holder if current is not None and holder_is_dead(current.holder) else None
-        until = now + timedelta(seconds=self.seconds)
-        return self.store.acquire_lease(self.holder, now=now, until=until, steal_from=steal)
+        with self._write:
+            if self._released:
+                return False
+            now = self.clock()
+            current = self.store.lease()
+            steal = current.holder if current is not None and holder_is_dead(current.holder) else None
+            until = now + timedelta(seconds=self.seconds)
+            return self.store.acquire_lease(self.holder, now=now, until=until, steal_from=steal)
 
     async def acquire(self) -> None:
         """Wait until this process holds the lease (database errors are retried)."""
@@ -119,8 +127,11 @@ class ControllerLease:
         return current is not None and current.holder != self.holder
 
     def release(self) -> None:
-        if not self.lost:
-            self.store.release_lease(self.holder)
+        """Give the lease up for good (waits for a renewal still in flight in its thread)."""
+        with self._write:
+            self._released = True
+            if not self.lost:
+                self.store.release_lease(self.holder)
 
 
 def stop_this_process() -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from gateway.app import create_app
+from gateway.clock import system_clock
 from gateway.control.lease import ControllerLease, holder_id, holder_is_dead
 from state import Store
 from tests.api.test_lifecycle import FakeClock
@@ -99,4 +102,35 @@ def test_only_one_of_many_concurrent_takers_gets_an_expired_lease(db_url: str) -
         second = list(pool.map(lambda i: take(100 + i, later), range(16)))
     assert first.count(True) == 1 and second.count(True) == 1
     assert store.lease().holder == f"g{100 + second.index(True)}"
+    store.close()
+
+
+def test_a_renewal_in_flight_cannot_bring_back_a_released_lease(db_url: str) -> None:
+    """Shutdown cancels the renewal task, not its thread: a renewal still running when the lease
+    is released must not write the row again (found on PostgreSQL, where a round trip is long)."""
+    store = Store(db_url)
+    store.upgrade()
+    lease = ControllerLease(store, system_clock, seconds=10)
+    assert lease.try_acquire()
+    entered, go = threading.Event(), threading.Event()
+    acquire = store.acquire_lease
+
+    def paused(*args: Any, **kwargs: Any) -> bool:
+        entered.set()
+        go.wait(5)
+        return acquire(*args, **kwargs)
+
+    store.acquire_lease = paused  # type: ignore[method-assign]
+    renewal = threading.Thread(target=lease.try_acquire)
+    renewal.start()
+    assert entered.wait(5)
+    releasing = threading.Thread(target=lease.release)
+    releasing.start()
+    releasing.join(0.3)
+    assert releasing.is_alive()  # it waits for the renewal in flight
+    go.set()
+    renewal.join(5)
+    releasing.join(5)
+    assert store.lease() is None
+    assert not lease.try_acquire()  # released for good
     store.close()
