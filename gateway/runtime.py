@@ -106,6 +106,10 @@ def price_book(settings: Settings, provider: str) -> PriceBook:
     return PriceBook(per_gpu_hour=costs.gpu_hour, default_gpu_hour=costs.default_gpu_hour)
 
 
+# Attempts (a second apart) to write the ledger's last changes at shutdown.
+LEDGER_DRAIN_TRIES = 5
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -151,7 +155,7 @@ class Runtime:
             clock=clock,
             activity=activity,
             catalog=catalog,
-            ledger=Ledger(store, price_book(settings, provider.name), provider=provider.name),
+            ledger=Ledger(store, price_book(settings, provider.name), provider=provider.name, writer=writer),
             metrics=metrics,
             writer=writer,
             new_id=new_id,
@@ -224,6 +228,15 @@ class Runtime:
         self.controller.abandon()  # stop acting at once; the new holder adopts the engines
         self.on_lease_lost()
 
+    async def _drain_ledger(self) -> None:
+        """The ledger's last writes (stops of the shutdown), retried a few times through
+        database errors before the writer closes."""
+        for _ in range(LEDGER_DRAIN_TRIES):
+            if await self.controller.ctx.ledger.drain():
+                return
+            await asyncio.sleep(1.0)
+        log.error("ledger: %d writes not written at shutdown", self.controller.ctx.ledger.pending)
+
     async def stop(self) -> None:
         """Each step runs whatever the one before it did: one failure skips nothing."""
         lease_task, loop_tasks = (self._tasks[0], self._tasks[1:]) if self._tasks else (None, [])
@@ -236,6 +249,7 @@ class Runtime:
             lease_task.cancel()
             await asyncio.gather(lease_task, return_exceptions=True)
         for step in (
+            self._drain_ledger,
             self.lease.release,
             self.controller.flush_activity,
             self.usage.flush,
