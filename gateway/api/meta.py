@@ -16,6 +16,7 @@ from gateway.accounting.exposition import render
 from gateway.accounting.metrics import CostTotals, Metrics
 from gateway.api.deps import CatalogDep, ControllerDep
 from gateway.api.schemas import HealthOut, ModelList, model_entry
+from gateway.auth.keyring import KeyRing
 from gateway.control.controller import Controller
 from state.writer import Writer
 
@@ -86,7 +87,10 @@ async def health() -> HealthOut:
     tags=["OpenAI"],
     summary="List models",
     description="The models of the reference file with their current state (`ready`, `loading`, `stopped`, "
-    "... or `external` for models served elsewhere).",
+    "... or `external` for models served elsewhere); with client API keys, those the key may use.",
 )
-async def list_models(catalog: CatalogDep, controller: ControllerDep) -> ModelList:
-    return ModelList(data=[model_entry(spec, controller) for spec in catalog.specs.values()])
+async def list_models(request: Request, catalog: CatalogDep, controller: ControllerDep) -> ModelList:
+    keys: KeyRing = request.app.state.keys
+    key = keys.authenticate(request.headers.get("authorization"))
+    specs = [s for s in catalog.specs.values() if key is None or key.allows(s.id)]
+    return ModelList(data=[model_entry(spec, controller) for spec in specs])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import secrets
 from pathlib import Path
@@ -62,6 +63,13 @@ def serve(
         settings = settings.model_copy(update={"admin_token": SecretStr(generated)})
         # Printed once, to the terminal only (not through logging): it is needed for /admin.
         typer.echo(f"llm-gateway --dev: admin token for this run: {generated}", err=True)
+    if dev and settings.client_auth is None and _loopback(settings.host):
+        settings = settings.model_copy(update={"client_auth": "open"})
+        typer.echo(
+            f"llm-gateway --dev: client_auth open on {settings.host}: /v1 takes no API key "
+            "(set client_auth: keys to try keys)",
+            err=True,
+        )
     setup_logging(settings.log_level)
     try:
         application = create_app(settings)
@@ -76,6 +84,13 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @app.command()
