@@ -48,8 +48,8 @@ class SlidingWindow:
         room = limit - amount - self._current
         if room >= 0 and self._previous > 0:  # fits once enough of the previous window slid out
             wait = (1.0 - room / self._previous) * WINDOW_SECONDS - elapsed
-            return max(1, math.ceil(wait))
+            return max(1, math.ceil(wait - 1e-9))
         # Only in the next window, once enough of this one slid out.
         room_next = limit - amount
         fraction = 1.0 - room_next / self._current if self._current > 0 and room_next >= 0 else 1.0
-        return max(1, math.ceil(WINDOW_SECONDS - elapsed + fraction * WINDOW_SECONDS))
+        return max(1, math.ceil(WINDOW_SECONDS - elapsed + fraction * WINDOW_SECONDS - 1e-9))
