@@ -88,10 +88,11 @@ def _shares(
 def rows_of(
     acc: Mapping[str, list[float]], group_by: Literal["key", "team"], team_of: Mapping[str, str]
 ) -> list[dict[str, Any]]:
-    """Report rows (like `costs.summarize`'s), by key id or by the keys' team label."""
+    """Report rows (like `costs.summarize`'s), by key id or by the keys' team label (`-` for
+    keys without one)."""
     groups: defaultdict[str, list[float]] = defaultdict(lambda: [0.0] * (1 + len(PHASES)))
     for key, values in acc.items():
-        group = key if group_by == "key" else team_of.get(key, key) or UNATTRIBUTED
+        group = key if group_by == "key" else team_of.get(key) or UNATTRIBUTED
         for i, v in enumerate(values):
             groups[group][i] += v
     return [

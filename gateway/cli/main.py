@@ -13,6 +13,7 @@ import uvicorn
 from pydantic import SecretStr
 
 from gateway.cli.admin import admin
+from gateway.cli.admin_keys import keys
 from gateway.cli.weights import weights
 from gateway.config.reference import ReferenceError
 from gateway.config.settings import ConfigFileError, load_settings
@@ -140,6 +141,7 @@ def export(
         )
 
 
+admin.add_typer(keys, name="keys")
 app.add_typer(admin, name="admin")
 app.add_typer(weights, name="weights")
 

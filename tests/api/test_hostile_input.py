@@ -122,7 +122,9 @@ async def test_client_keys_never_reach_logs_database_events_or_metrics(
         used = {"Authorization": f"Bearer {key}"}
         for body in (CHAT_BODY, {**CHAT_BODY, "stream": True}, {**CHAT_BODY, "model": "nope"}):
             await client.post("/v1/chat/completions", json=body, headers=used)
-        await client.post("/v1/chat/completions", json=CHAT_BODY, headers={"Authorization": f"Bearer {wrong}"})
+        await client.post(
+            "/v1/chat/completions", json=CHAT_BODY, headers={"Authorization": f"Bearer {wrong}"}
+        )
         await client.get("/v1/models", headers=used)
         listed = (await client.get("/admin/keys", headers=auth)).text
         await client.delete(f"/admin/keys/{created['id']}", headers=auth)
