@@ -11,7 +11,7 @@ from concurrent.futures import Executor
 from fastapi import FastAPI
 
 from gateway import __version__
-from gateway.accounting.metrics import CostTotals, StateCollector
+from gateway.accounting.metrics import CostTotals, StateCollector, TeamCosts
 from gateway.api import admin, admin_keys, meta
 from gateway.api.deps import require_admin_token
 from gateway.api.errors import install_error_handlers
@@ -86,7 +86,12 @@ def create_app(
     app.state.metrics = rt.metrics
     app.state.writer = rt.writer
     app.state.keys = rt.keys
-    app.state.scrape = meta.ScrapeState(rt.controller, CostTotals(rt.store, rt.writer, clock), rt.writer)
+    app.state.scrape = meta.ScrapeState(
+        rt.controller,
+        CostTotals(rt.store, rt.writer, clock),
+        rt.writer,
+        TeamCosts(rt.store, rt.writer, clock),
+    )
     rt.metrics.add_collector(StateCollector(app.state.scrape, rt.metrics))
     app.add_middleware(OpenAIFront, gateway=rt.gateway)  # inside the catch-all added next
     install_error_handlers(app)

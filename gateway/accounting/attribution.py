@@ -21,10 +21,11 @@ from typing import Any, Literal
 
 from gateway.accounting.costs import Span, day_bounds, spans_of
 from gateway.accounting.ledger import PHASES
-from gateway.control.controller import ADMIN
 from state import Store
 
 UNATTRIBUTED = "-"
+# Who admin loads and scheduled pre-warms are attributed to (a request's start: its API key id).
+ADMIN = "admin"
 # (model, UTC day) -> key id -> weight (tokens, or requests).
 Weights = dict[tuple[str, date], dict[str, float]]
 # group -> [GPU-seconds, dollars of each phase in PHASES order]
@@ -143,6 +144,12 @@ def month_spend(store: Store, now: datetime) -> dict[str, float]:
     """Dollars attributed to each key since the start of this UTC month (for budgets)."""
     acc = key_costs(store, since=month_start(now), until=now, now=now)
     return {key: sum(values[1:]) for key, values in acc.items()}
+
+
+def team_month_costs(store: Store, now: datetime) -> dict[str, float]:
+    """Dollars attributed to each team (keys' labels, `admin`, `-`) this UTC month."""
+    acc = key_costs(store, since=month_start(now), until=now, now=now)
+    return {row["team"]: row["dollars"] for row in rows_of(acc, "team", team_labels(store))}
 
 
 def _days(since: datetime, until: datetime) -> list[date]:

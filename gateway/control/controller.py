@@ -15,6 +15,7 @@ import logging
 from collections.abc import Mapping
 from datetime import datetime
 
+from gateway.accounting.attribution import ADMIN
 from gateway.api.errors import unavailable
 from gateway.clock import Clock
 from gateway.config.reference import Catalog, ModelSpec
@@ -32,8 +33,6 @@ log = logging.getLogger(__name__)
 S = DeploymentState
 
 RETRY_AFTER_QUEUE_FULL = 5
-# Who admin loads and pre-warms are attributed to (a request's start: its API key id).
-ADMIN = "admin"
 # Failsafe heartbeats in flight at once, gateway-wide.
 HEARTBEAT_CONCURRENCY = 8
 

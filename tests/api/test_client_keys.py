@@ -253,6 +253,11 @@ async def test_costs_by_key_and_team_add_up_to_the_models_total(tmp_path: Path, 
         assert by_key[c["id"]]["dollars"] == pytest.approx(ready * 3 / 30)
         assert by_team["ads"]["dollars"] == pytest.approx(ready * 21 / 30)
         assert set(by_team) == {"search", "ads", "admin", "-"}
+        metrics = (await client.get("/metrics")).text  # this month's, by team
+        for team in ("search", "ads", "admin", "-"):
+            line = f'llmgw_team_cost_month_dollars{{team="{team}"}} '
+            [value] = [float(m.removeprefix(line)) for m in metrics.splitlines() if m.startswith(line)]
+            assert value == pytest.approx(by_team[team]["dollars"], abs=1e-6)
         params.update(group_by="team", format="csv")
         csv = await client.get("/admin/costs", headers=ADMIN, params=params)
         assert csv.text.splitlines()[0].startswith("team,dollars,")
