@@ -41,7 +41,7 @@ def runtime(root: Path, client_auth: str) -> Runtime:
         data_dir=root / "data",
         model_reference=reference,
         admin_token="bench-admin-token-0123456789",
-        client_auth=client_auth,  # type: ignore[arg-type]
+        client_auth=client_auth,
         after_hours=None,
     )
     return Runtime.build(settings, provider=FakeProvider(endpoint="http://127.0.0.1:9"), clock=system_clock)
