@@ -86,12 +86,8 @@ def create_app(
     app.state.metrics = rt.metrics
     app.state.writer = rt.writer
     app.state.keys = rt.keys
-    app.state.scrape = meta.ScrapeState(
-        rt.controller,
-        CostTotals(rt.store, rt.writer, clock),
-        rt.writer,
-        TeamCosts(rt.store, rt.writer, clock),
-    )
+    costs, teams = CostTotals(rt.store, rt.writer, clock), TeamCosts(rt.store, rt.writer, clock)
+    app.state.scrape = meta.ScrapeState(rt.controller, costs, rt.writer, teams)
     rt.metrics.add_collector(StateCollector(app.state.scrape, rt.metrics))
     app.add_middleware(OpenAIFront, gateway=rt.gateway)  # inside the catch-all added next
     install_error_handlers(app)

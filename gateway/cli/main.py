@@ -16,7 +16,7 @@ from gateway.cli.admin import admin
 from gateway.cli.admin_keys import keys
 from gateway.cli.weights import weights
 from gateway.config.reference import ReferenceError
-from gateway.config.settings import ConfigFileError, load_settings
+from gateway.config.settings import ConfigFileError, Settings, load_settings
 
 # Seconds uvicorn lets open connections finish on SIGTERM before the lifespan shutdown runs
 # (which stops the engines): long enough for a short answer, short enough not to bill GPUs.
@@ -64,8 +64,8 @@ def serve(
         settings = settings.model_copy(update={"admin_token": SecretStr(generated)})
         # Printed once, to the terminal only (not through logging): it is needed for /admin.
         typer.echo(f"llm-gateway --dev: admin token for this run: {generated}", err=True)
-    if dev and settings.client_auth is None and _loopback(settings.host):
-        settings = settings.model_copy(update={"client_auth": "open"})
+    if dev and (opened := dev_client_auth(settings)) is not settings:
+        settings = opened
         typer.echo(
             f"llm-gateway --dev: client_auth open on {settings.host}: /v1 takes no API key "
             "(set client_auth: keys to try keys)",
@@ -85,6 +85,14 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
+
+
+def dev_client_auth(settings: Settings) -> Settings:
+    """`--dev`: open access when client_auth is not set and the gateway listens on loopback only
+    (anywhere else, or when set, the settings are kept)."""
+    if settings.client_auth is None and _loopback(settings.host):
+        return settings.model_copy(update={"client_auth": "open"})
+    return settings
 
 
 def _loopback(host: str) -> bool:
