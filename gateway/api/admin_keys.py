@@ -47,9 +47,11 @@ class KeyCreate(BaseModel):
         ["*"], min_length=1, description="Glob patterns of the model ids the key may use."
     )
     may_wake: bool = Field(True, description="May start a model that is not running (a cold start).")
-    requests_per_minute: int | None = Field(None, ge=1)
-    tokens_per_minute: int | None = Field(None, ge=1)
-    monthly_budget: float | None = Field(None, ge=0, description="Dollars per UTC calendar month.")
+    requests_per_minute: int | None = Field(None, ge=1, le=10**12)
+    tokens_per_minute: int | None = Field(None, ge=1, le=10**15)
+    monthly_budget: float | None = Field(
+        None, ge=0, le=10**12, allow_inf_nan=False, description="Dollars per UTC calendar month."
+    )
     expires_at: QueryTime | None = Field(None, description="ISO 8601; no zone means UTC. Default: never.")
 
 
