@@ -62,6 +62,7 @@ def run(ctx: Context) -> BenchResult:
         data_dir=ctx.workdir / "data",
         model_reference=reference,
         admin_token=ADMIN_TOKEN,
+        client_auth="open",
         after_hours=None,
         reaper_interval_seconds=3600,  # ticks are called here, not by the loop
         local={"gpu_ids": ["0"]},

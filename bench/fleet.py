@@ -42,6 +42,7 @@ def start_fleet_gateway(
         "host": HOST,
         "port": port,
         "admin_token": ADMIN_TOKEN,
+        "client_auth": "open",  # the load generators carry no API key
         "after_hours": None,
         "keep_hot_seconds": 86_400,  # the deployments stay up for the whole run
         "data_dir": str(data),

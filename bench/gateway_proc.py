@@ -74,6 +74,7 @@ def start_gateway(workdir: Path, models: dict[str, Any], **settings: Any) -> Gat
         "host": HOST,
         "port": port,
         "admin_token": ADMIN_TOKEN,
+        "client_auth": "open",  # the load generators carry no API key (see bench/key_check.py)
         "after_hours": None,
         "data_dir": str(data),
         "model_reference": str(reference),

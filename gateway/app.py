@@ -11,8 +11,8 @@ from concurrent.futures import Executor
 from fastapi import FastAPI
 
 from gateway import __version__
-from gateway.accounting.metrics import CostTotals, StateCollector
-from gateway.api import admin, meta
+from gateway.accounting.metrics import CostTotals, StateCollector, TeamCosts
+from gateway.api import admin, admin_keys, meta
 from gateway.api.deps import require_admin_token
 from gateway.api.errors import install_error_handlers
 from gateway.api.openai_routes import OpenAIFront, openai_router
@@ -85,11 +85,14 @@ def create_app(
     app.state.proxy = rt.proxy
     app.state.metrics = rt.metrics
     app.state.writer = rt.writer
-    app.state.scrape = meta.ScrapeState(rt.controller, CostTotals(rt.store, rt.writer, clock), rt.writer)
+    app.state.keys = rt.keys
+    costs, teams = CostTotals(rt.store, rt.writer, clock), TeamCosts(rt.store, rt.writer, clock)
+    app.state.scrape = meta.ScrapeState(rt.controller, costs, rt.writer, teams)
     rt.metrics.add_collector(StateCollector(app.state.scrape, rt.metrics))
     app.add_middleware(OpenAIFront, gateway=rt.gateway)  # inside the catch-all added next
     install_error_handlers(app)
     app.include_router(openai_router(rt.gateway))
+    app.include_router(admin_keys.router)
     app.include_router(admin.router)
     app.include_router(meta.router)
     return app

@@ -15,6 +15,7 @@ from gateway.accounting.loop_lag import watch_loop_lag
 from gateway.accounting.metrics import KnownModel, Metrics, pick_known
 from gateway.accounting.usage import UsageRecorder
 from gateway.api.openai_routes import OpenAIGateway
+from gateway.auth.keyring import KeyRing
 from gateway.clock import Clock, system_clock
 from gateway.config.reference import Catalog, load_reference
 from gateway.config.settings import Settings
@@ -124,6 +125,7 @@ class Runtime:
     reaper: Reaper
     proxy: Proxy
     gateway: OpenAIGateway
+    keys: KeyRing
     on_lease_lost: Callable[[], None] = stop_this_process
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -164,6 +166,7 @@ class Runtime:
             acting=lambda: lease.held,
         )
         controller = Controller(ctx)
+        keys = KeyRing(store, writer, clock, enabled=settings.keys_required)
         proxy = Proxy(
             settings.upstream_timeout_seconds,
             activity,
@@ -171,6 +174,7 @@ class Runtime:
             clock,
             metrics,
             on_engine_error=controller.engine_error,
+            keys=keys,
         )
         return cls(
             settings=settings,
@@ -184,7 +188,10 @@ class Runtime:
             controller=controller,
             reaper=Reaper(controller, usage, settings),
             proxy=proxy,
-            gateway=OpenAIGateway(settings=settings, catalog=catalog, controller=controller, proxy=proxy),
+            gateway=OpenAIGateway(
+                settings=settings, catalog=catalog, controller=controller, proxy=proxy, keys=keys
+            ),
+            keys=keys,
             on_lease_lost=on_lease_lost,
         )
 
@@ -199,6 +206,10 @@ class Runtime:
             for s in catalog.specs.values()
         ]
         await self.writer.run(store.upsert_models, records)  # off the loop: the lease keeps renewing
+        self.keys.load()  # before the first request; then refreshed at the reaper's interval
+        self._tasks.append(
+            asyncio.create_task(self.keys.run(self.settings.reaper_interval_seconds), name="key cache")
+        )
         await self._check_failsafe()
         await reconcile(self.controller, catalog, unknown=self.settings.reconcile_unknown)
         # Series that exist from the start: Prometheus' increase() ignores a series' first sample.
@@ -210,6 +221,12 @@ class Runtime:
             asyncio.create_task(self.usage.run(flush, self.controller.clock), name="usage flush")
         )
         log.info("gateway ready: %d models, provider %s", len(catalog.specs), self.provider.name)
+        if not self.settings.keys_required:
+            log.warning(
+                "client_auth is open: anyone who reaches %s:%d may use and start every model",
+                self.settings.host,
+                self.settings.port,
+            )
 
     async def _check_failsafe(self) -> None:
         """Engines a dead gateway leaves must end by themselves (SkyPilot's autodown): checked,

@@ -2,11 +2,12 @@
 
 from state.machine import ALLOWED, TERMINAL, DeploymentState, InvalidTransition
 from state.store import Store
-from state.tables import CostInterval, Deployment, Event, ModelRecord, Usage
+from state.tables import ApiKey, CostInterval, Deployment, Event, ModelRecord, Usage
 
 __all__ = [
     "ALLOWED",
     "TERMINAL",
+    "ApiKey",
     "CostInterval",
     "Deployment",
     "DeploymentState",

@@ -26,6 +26,7 @@ from sqlalchemy.types import Float
 from sqlmodel import Session, col, create_engine, select
 
 from state import schema
+from state.key_store import KeyStore
 from state.machine import TERMINAL, TIMESTAMP_COLUMN, DeploymentState, check_transition
 from state.schema import SchemaStatus
 from state.tables import (
@@ -127,7 +128,7 @@ class IntervalChange:
     relabel: str | None = None
 
 
-class Store(UsageStore):
+class Store(UsageStore, KeyStore):
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
@@ -240,13 +241,21 @@ class Store(UsageStore):
     # -- deployments ----------------------------------------------------------------------
 
     def create_deployment(
-        self, *, deployment_id: str, model: str, provider: str, gpus: int, at: datetime | None = None
+        self,
+        *,
+        deployment_id: str,
+        model: str,
+        provider: str,
+        gpus: int,
+        at: datetime | None = None,
+        started_by: str | None = None,
     ) -> Deployment:
         dep = Deployment(
             id=deployment_id,
             model=model,
             provider=provider,
             gpus=gpus,
+            started_by=started_by,
             state=DeploymentState.PENDING.value,
             pending_at=at or utcnow(),
         )

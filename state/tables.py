@@ -81,6 +81,9 @@ class Deployment(SQLModel, table=True):
     stopped_at: datetime | None = _ts()
     failed_at: datetime | None = _ts()
     last_used_at: datetime | None = _ts()
+    # Who caused the start (its cold-start cost is theirs): a client API key's id, `admin` for an
+    # admin load or a pre-warm, None when unknown (open access, adopted engines).
+    started_by: str | None = Field(default=None, max_length=64)
 
     @property
     def current(self) -> DeploymentState:
@@ -127,6 +130,26 @@ class CostInterval(SQLModel, table=True):
     checked_at: datetime | None = _ts()
 
 
+class ApiKey(SQLModel, table=True):
+    """A client API key for the OpenAI routes. Only the SHA-256 of the key is stored (the key is
+    shown once, at creation); `id` is its public name in usage, costs and logs."""
+
+    __tablename__ = "api_keys"
+
+    id: str = Field(primary_key=True, max_length=64)
+    key_hash: str = Field(index=True, unique=True, max_length=64)  # hex SHA-256 of the whole key
+    name: str = Field(max_length=256)
+    team: str = Field(default="", index=True, max_length=256)  # owner or team label, for chargeback
+    models: str = '["*"]'  # JSON list of glob patterns of the model ids the key may use
+    may_wake: bool = True  # may start a model that is not running
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    monthly_budget: float | None = None  # dollars per UTC calendar month
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    expires_at: datetime | None = _ts()
+    revoked_at: datetime | None = _ts()
+
+
 class ControllerLease(SQLModel, table=True):
     """Which gateway process runs the control loop on this database (one row, id 1)."""
 
@@ -148,8 +171,7 @@ class Installation(SQLModel, table=True):
 
 class Usage(SQLModel, table=True):
     """One row per proxied request: optional (`usage.raw_rows`), pruned after
-    `usage.retention_days`. The durable record is `UsageMinute`. (No `api_key_id` column here
-    yet: existing databases have no migrations, see issue 12.)"""
+    `usage.retention_days`. The durable record is `UsageMinute`."""
 
     __tablename__ = "usage"
 
@@ -163,6 +185,7 @@ class Usage(SQLModel, table=True):
     latency_ms: float
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    api_key_id: str | None = Field(default=None, max_length=64)  # None: a request without a key
 
 
 # Upper bounds (milliseconds) of the request-latency buckets kept per minute: the same edges as

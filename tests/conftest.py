@@ -71,6 +71,9 @@ def make_settings(tmp_path: Path, models: dict[str, Any] | None = None, **overri
         "usage": {"flush_seconds": 3600},  # tests flush usage themselves (tick() does too)
         "after_hours": None,  # tests that want it set it
         "admin_token": ADMIN_TOKEN,
+        # The suite's requests carry no API key; the key tests (tests/api/test_client_keys.py)
+        # pass client_auth="keys".
+        "client_auth": "open",
     }
     values.update(overrides)
     return Settings(**values)

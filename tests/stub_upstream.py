@@ -49,6 +49,7 @@ def make_app(
 
     async def generate(request: Request, kind: str) -> Response:
         state["requests"] += 1
+        state["authorization"] = request.headers.get("authorization")  # what the gateway forwarded
         body = await request.json()
         model = body.get("model")
         if served_name is not None and model != served_name:

@@ -13,7 +13,8 @@ from typing import Any, Literal
 from gateway.accounting.ledger import PHASES
 from state import CostInterval
 
-GroupBy = Literal["model", "day", "cluster", "phase"]
+SpanGroup = Literal["model", "day", "cluster", "phase"]  # read off the intervals alone
+GroupBy = Literal["model", "day", "cluster", "phase", "key", "team"]  # key, team: see attribution.py
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,10 @@ class Span:
     hourly_price: float
     start: datetime
     end: datetime | None  # None: still open
+    deployment_id: str = ""
 
 
-def _day_bounds(start: datetime, end: datetime) -> Iterable[tuple[datetime, datetime]]:
+def day_bounds(start: datetime, end: datetime) -> Iterable[tuple[datetime, datetime]]:
     """Split [start, end) at UTC midnights."""
     cursor = start
     while cursor < end:
@@ -38,7 +40,7 @@ def _day_bounds(start: datetime, end: datetime) -> Iterable[tuple[datetime, date
 
 
 def summarize(
-    spans: Iterable[Span], *, since: datetime, until: datetime, now: datetime, group_by: GroupBy
+    spans: Iterable[Span], *, since: datetime, until: datetime, now: datetime, group_by: SpanGroup
 ) -> list[dict[str, Any]]:
     """Dollars and GPU-hours per group, with the dollars of each phase, for time in [since, until).
     Open intervals count up to `now`; days are UTC days."""
@@ -48,7 +50,7 @@ def summarize(
         start, end = max(span.start, since), min(span.end or now, until, now)
         if end <= start:
             continue
-        for a, b in _day_bounds(start, end) if group_by == "day" else [(start, end)]:
+        for a, b in day_bounds(start, end) if group_by == "day" else [(start, end)]:
             key = {
                 "model": span.model,
                 "day": a.date().isoformat(),
@@ -93,6 +95,7 @@ def spans_of(intervals: Iterable[CostInterval]) -> list[Span]:
             hourly_price=i.hourly_price,
             start=i.started_at,
             end=i.ended_at,
+            deployment_id=i.deployment_id,
         )
         for i in intervals
     ]

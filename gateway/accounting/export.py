@@ -3,6 +3,8 @@
 Objects are laid out Hive-style, one folder per UTC day:
     s3://<bucket>/<prefix>/usage/date=YYYY-MM-DD/usage.csv   (per-minute rollups)
     s3://<bucket>/<prefix>/costs/date=YYYY-MM-DD/costs.csv   (cost intervals clipped to the day)
+    s3://<bucket>/<prefix>/key_costs/date=YYYY-MM-DD/key_costs.csv   (the day's dollars by API key
+        and team, attributed as in attribution.py; they add up to the day's costs.csv)
 A usage row is one minute of one model, endpoint, status, stream flag and API key: requests,
 tokens, the latency sum and the count per latency bucket (`lat_<bound>`, not cumulative), so a
 day is at most a few thousand rows per model whatever the traffic.
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from gateway.accounting.attribution import UNATTRIBUTED, key_costs, rows_of, team_labels
+from gateway.accounting.ledger import PHASES
 from state import CostInterval, Store
 from state.tables import LATENCY_COLUMNS, UsageMinute
 
@@ -54,6 +58,9 @@ COST_COLUMNS = [
     "gpu_seconds",
     "dollars",
 ]
+
+
+KEY_COST_COLUMNS = ["key", "team", "dollars", "gpu_hours", *(f"{p}_dollars" for p in PHASES)]
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,14 @@ def cost_rows(intervals: Iterable[CostInterval], day: date) -> list[dict[str, An
     return sorted(out, key=lambda r: (r["start"], r["deployment_id"], r["phase"]))
 
 
+def key_cost_rows(store: Store, day: date) -> list[dict[str, Any]]:
+    """The day's dollars by API key, with each key's team (`admin` and `-` are their own)."""
+    start, end = day_bounds(day)
+    teams = team_labels(store)
+    rows = rows_of(key_costs(store, since=start, until=end, now=end), "key", {})
+    return [{**row, "team": teams.get(row["key"]) or UNATTRIBUTED} for row in rows]
+
+
 def _put_if_changed(s3: Any, bucket: str, key: str, body: bytes) -> bool:
     md5 = hashlib.md5(body).hexdigest()
     try:
@@ -151,9 +166,14 @@ def export_day(store: Store, s3: Any, *, bucket: str, prefix: str, day: date) ->
     start, end = day_bounds(day)
     usage = usage_rows(store.usage_minutes(since=start, until=end))
     costs = cost_rows(store.intervals(since=start, until=end), day)
+    by_key = key_cost_rows(store, day)
     base = prefix.strip("/")
     results = []
-    for kind, columns, rows in (("usage", USAGE_COLUMNS, usage), ("costs", COST_COLUMNS, costs)):
+    for kind, columns, rows in (
+        ("usage", USAGE_COLUMNS, usage),
+        ("costs", COST_COLUMNS, costs),
+        ("key_costs", KEY_COST_COLUMNS, by_key),
+    ):
         key = (
             f"{base}/{kind}/date={day.isoformat()}/{kind}.csv"
             if base

@@ -20,12 +20,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway.accounting.attribution import team_month_costs
 from gateway.accounting.ledger import PHASES
 from state import TERMINAL, DeploymentState, Store
 from state.tables import LATENCY_BOUNDS_MS
@@ -37,6 +38,8 @@ LATENCY_BUCKETS = tuple(ms / 1000 for ms in LATENCY_BOUNDS_MS)  # the usage roll
 COLD_START_BUCKETS = (1, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 900, 1800)
 LOOP_LAG_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 COLD_START_PHASES = ("launching", "loading", "total")
 LIVE_STATES = tuple(s.value for s in DeploymentState if s not in TERMINAL)
@@ -146,22 +149,29 @@ def pick_known(
     return sorted(models, key=rank)[:limit]
 
 
-class CostTotals:
-    """(GPU-seconds, dollars) by (model, phase) for /metrics: summed by the database in a job
-    of the writer (so no cost row is read on the loop), cached for `max_age` seconds."""
+class Cached(Generic[T]):
+    """A figure summed by the database in a job of the writer (so no row is read on the loop),
+    cached for `max_age` seconds."""
 
-    def __init__(self, store: Store, writer: Writer, clock: Callable[[], datetime], max_age: float = 10.0):
-        self.store = store
+    def __init__(
+        self,
+        compute: Callable[[datetime], T],
+        initial: T,
+        writer: Writer,
+        clock: Callable[[], datetime],
+        max_age: float = 10.0,
+    ) -> None:
+        self.compute = compute
         self.writer = writer
         self.clock = clock
         self.max_age = max_age
-        self.value: dict[tuple[str, str], tuple[float, float]] = {}
+        self.value: T = initial
         self._at = -float("inf")
         self._refresh: asyncio.Task[None] | None = None
 
-    async def get(self) -> dict[tuple[str, str], tuple[float, float]]:
-        """The cached totals, refreshed first when older than `max_age` (concurrent scrapes
-        share one refresh; a failed refresh keeps the previous totals)."""
+    async def get(self) -> T:
+        """The cached value, refreshed first when older than `max_age` (concurrent scrapes
+        share one refresh; a failed refresh keeps the previous value)."""
         if time.monotonic() - self._at > self.max_age:
             if self._refresh is None:
                 self._refresh = asyncio.create_task(self._load())
@@ -170,12 +180,28 @@ class CostTotals:
 
     async def _load(self) -> None:
         try:
-            self.value = await self.writer.run(self.store.cost_totals, self.clock())
+            self.value = await self.writer.run(self.compute, self.clock())
             self._at = time.monotonic()
         except Exception as exc:
-            log.error("cost totals for /metrics: %s: %s", type(exc).__name__, exc)
+            log.error("%s for /metrics: %s: %s", type(self).__name__, type(exc).__name__, exc)
         finally:
             self._refresh = None
+
+
+class CostTotals(Cached[dict[tuple[str, str], tuple[float, float]]]):
+    """(GPU-seconds, dollars) by (model, phase) for /metrics."""
+
+    def __init__(self, store: Store, writer: Writer, clock: Callable[[], datetime], max_age: float = 10.0):
+        super().__init__(store.cost_totals, {}, writer, clock, max_age)
+        self.store = store
+
+
+class TeamCosts(Cached[dict[str, float]]):
+    """Dollars attributed to each team this UTC month (see attribution.py), for /metrics:
+    recomputed at most once a minute (it reads the month's intervals and usage)."""
+
+    def __init__(self, store: Store, writer: Writer, clock: Callable[[], datetime], max_age: float = 60.0):
+        super().__init__(lambda now: team_month_costs(store, now), {}, writer, clock, max_age)
 
 
 class StateCollector(Collector):
@@ -212,6 +238,16 @@ class StateCollector(Collector):
             waiting.add_metric([model], count)
         yield waiting
         yield from _cost_families(state["costs"], [m.id for m in known if m.launchable])
+        teams = GaugeMetricFamily(
+            "llmgw_team_cost_month_dollars",
+            "Dollars attributed to each team of client API keys this UTC month (cold starts to the "
+            "starting key's team, serving and idle time by tokens; `admin`: admin loads and pre-warms; "
+            "`-`: nobody). Resets at the start of a month.",
+            labels=["team"],
+        )
+        for team, dollars in sorted(({"-": 0.0} | state.get("team_costs", {})).items()):
+            teams.add_metric([team], dollars)
+        yield teams
 
 
 def _cost_families(

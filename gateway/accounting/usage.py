@@ -141,6 +141,7 @@ def raw_row(rec: UsageRecord, prompt: int | None, completion: int | None) -> dic
         "latency_ms": round(rec.latency_ms, 3),
         "prompt_tokens": prompt,
         "completion_tokens": completion,
+        "api_key_id": rec.api_key_id,
     }
 
 

@@ -15,6 +15,7 @@ from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from gateway import __version__
+from gateway.accounting.attribution import key_costs, rows_of, team_labels
 from gateway.accounting.costs import GroupBy, columns, spans_of, summarize, to_csv
 from gateway.api.deps import CatalogDep, ControllerDep, SettingsDep, StoreDep, require_admin
 from gateway.api.errors import GatewayError, error_doc, model_not_found
@@ -229,9 +230,11 @@ COSTS_CSV_DOC: dict[int | str, dict[str, Any]] = {
 @router.get(
     "/costs",
     summary="Costs",
-    description="GPU cost from the ledger, grouped by model, UTC day, cluster or phase, with the dollars of "
-    "each phase: cold (launching and loading), serving, idle (kept hot without traffic) and failed (launches "
-    "that never became ready). `format=csv` answers CSV. Default range: the last 7 days; an empty range has "
+    description="GPU cost from the ledger, grouped by model, UTC day, cluster, phase, client API key or the "
+    "keys' team, with the dollars of each phase: cold (launching and loading), serving, idle (kept hot "
+    "without traffic) and failed (launches that never became ready). By key: a start is the starting key's "
+    "(`admin` for loads and pre-warms), serving and idle time of a model's day is split by the tokens each key "
+    "used on it that day; `-` is time nobody can be named for. `format=csv` answers CSV. Default range: the last 7 days; an empty range has "
     "no rows. Times are ISO 8601; a date alone is its midnight, and a time without a zone is UTC.",
     response_model=list[CostRow],
     response_model_exclude_unset=True,  # of model, day, cluster and phase: only the group's key
@@ -257,6 +260,9 @@ async def costs(
 def cost_rows(
     store: Store, since: datetime, until: datetime, now: datetime, group_by: GroupBy
 ) -> list[dict[str, Any]]:
+    if group_by == "key" or group_by == "team":
+        acc = key_costs(store, since=since, until=until, now=now)
+        return rows_of(acc, group_by, team_labels(store) if group_by == "team" else {})
     spans = spans_of(store.intervals(since=since, until=until))
     return summarize(spans, since=since, until=until, now=now, group_by=group_by)
 

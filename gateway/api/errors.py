@@ -83,6 +83,24 @@ def model_not_found(model: str) -> GatewayError:
     )
 
 
+def invalid_api_key(message: str) -> GatewayError:
+    """401 as OpenAI answers it (the key itself is never echoed)."""
+    return GatewayError(
+        401, message, code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="llm-gateway"'}
+    )
+
+
+def rate_limited(message: str, *, unit: str, retry_after: int) -> GatewayError:
+    """429 `rate_limit_exceeded`; `unit` (requests or tokens) is the type, as OpenAI's."""
+    return GatewayError(
+        429, message, type=unit, code="rate_limit_exceeded", headers={"Retry-After": str(retry_after)}
+    )
+
+
+def insufficient_quota(message: str) -> GatewayError:
+    return GatewayError(429, message, type="insufficient_quota", code="insufficient_quota")
+
+
 def unavailable(message: str, *, code: str, retry_after: int) -> GatewayError:
     return GatewayError(
         503, message, type="service_unavailable", code=code, headers={"Retry-After": str(retry_after)}

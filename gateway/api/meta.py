@@ -13,9 +13,10 @@ from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.accounting.exposition import render
-from gateway.accounting.metrics import CostTotals, Metrics
+from gateway.accounting.metrics import CostTotals, Metrics, TeamCosts
 from gateway.api.deps import CatalogDep, ControllerDep
 from gateway.api.schemas import HealthOut, ModelList, model_entry
+from gateway.auth.keyring import KeyRing
 from gateway.control.controller import Controller
 from state.writer import Writer
 
@@ -26,25 +27,31 @@ class ScrapeState:
     """What the state collector reports: taken by `refresh()` just before each scrape, so the
     collector (called synchronously by prometheus_client) only reads a snapshot."""
 
-    def __init__(self, controller: Controller, costs: CostTotals, writer: Writer) -> None:
+    def __init__(
+        self, controller: Controller, costs: CostTotals, writer: Writer, teams: TeamCosts | None = None
+    ) -> None:
         self.controller = controller
         self.costs = costs
+        self.teams = teams
         self.writer = writer
         self._latest: dict[str, Any] = {}
         self.take({})
 
-    def take(self, costs: dict[tuple[str, str], tuple[float, float]]) -> None:
+    def take(
+        self, costs: dict[tuple[str, str], tuple[float, float]], teams: dict[str, float] | None = None
+    ) -> None:
         by_state, gpus = self.controller.holdings()
         self._latest = {
             "deployments": by_state,
             "gpus_in_use": gpus,
             "waiting": self.controller.waiting_all(),
             "costs": costs,  # (GPU-seconds, dollars) by (model, phase)
+            "team_costs": teams or {},  # dollars this month by team
             "writes_pending": self.writer.pending,
         }
 
     async def refresh(self) -> None:
-        self.take(await self.costs.get())
+        self.take(await self.costs.get(), await self.teams.get() if self.teams is not None else None)
 
     def __call__(self) -> dict[str, Any]:
         return self._latest
@@ -86,7 +93,10 @@ async def health() -> HealthOut:
     tags=["OpenAI"],
     summary="List models",
     description="The models of the reference file with their current state (`ready`, `loading`, `stopped`, "
-    "... or `external` for models served elsewhere).",
+    "... or `external` for models served elsewhere); with client API keys, those the key may use.",
 )
-async def list_models(catalog: CatalogDep, controller: ControllerDep) -> ModelList:
-    return ModelList(data=[model_entry(spec, controller) for spec in catalog.specs.values()])
+async def list_models(request: Request, catalog: CatalogDep, controller: ControllerDep) -> ModelList:
+    keys: KeyRing = request.app.state.keys
+    key = keys.authenticate(request.headers.get("authorization"))
+    specs = [s for s in catalog.specs.values() if key is None or key.allows(s.id)]
+    return ModelList(data=[model_entry(spec, controller) for spec in specs])

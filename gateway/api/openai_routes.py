@@ -14,7 +14,9 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.api.errors import GatewayError, error_doc, model_not_found
+from gateway.api.errors import GatewayError, error_doc, model_not_found, unavailable
+from gateway.auth.keyring import KeyRing
+from gateway.auth.keys import ClientKey
 from gateway.config.reference import Catalog, ModelSpec
 from gateway.config.settings import Settings
 from gateway.control.controller import Controller, Waiter
@@ -24,6 +26,8 @@ from gateway.proxy.upstream import Call, ProxiedResponse, Proxy
 
 # A Hugging Face token for gated models, per request; handed to the engine it starts, never kept.
 HF_TOKEN_HEADER = "x-hf-token"
+# Retry-After of a key that may not wake a cold model: an admin may load it meanwhile.
+RETRY_AFTER_NOT_RUNNING = 30
 # What the gateway answers a client that went away before its answer (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
 SSE_RAW_HEADERS = [
@@ -36,17 +40,21 @@ SSE_RAW_HEADERS = [
 class OpenAIGateway:
     """Turns one OpenAI request into a proxied engine call, cold-starting the engine if needed."""
 
-    def __init__(self, *, settings: Settings, catalog: Catalog, controller: Controller, proxy: Proxy) -> None:
+    def __init__(
+        self, *, settings: Settings, catalog: Catalog, controller: Controller, proxy: Proxy, keys: KeyRing
+    ) -> None:
         self.settings = settings
         self.catalog = catalog
         self.controller = controller
         self.proxy = proxy
+        self.keys = keys
 
     async def respond(self, path: str, headers: Headers, receive: Receive) -> Response:
         """The response to one OpenAI request (the body is read from `receive`): relayed from a
         ready engine, or after waiting for a cold start. Used by the lean front below FastAPI
         and by the FastAPI routes alike."""
         started = time.perf_counter()
+        key = self.keys.authenticate(headers.get("authorization"))  # before the body is read
         try:
             body = await read_body(receive, headers, self.settings.max_body_bytes)
         except ClientGone:
@@ -55,6 +63,9 @@ class OpenAIGateway:
         spec = self.catalog.resolve(model)
         if spec is None:
             raise model_not_found(model)
+        if key is not None:
+            self.keys.admit(key, spec.id)
+        key_id = key.id if key is not None else None
         usage = None
         if stream:
             strip = should_ask_for_usage(spec, payload)
@@ -63,13 +74,14 @@ class OpenAIGateway:
                 body = ask_for_usage(payload)
         route = self.route_of(spec)
         if route is not None:
-            call = Call(route=route, path=path, stream=stream, started=started, usage=usage)
+            call = Call(route=route, path=path, stream=stream, started=started, usage=usage, key_id=key_id)
             return ProxiedResponse(self.proxy, call, body, headers)
-        return await self._cold(spec, path, body, headers, receive, usage, started)
+        return await self._cold(spec, key, path, body, headers, receive, usage, started)
 
     async def _cold(
         self,
         spec: ModelSpec,
+        key: ClientKey | None,
         path: str,
         body: bytes,
         headers: Headers,
@@ -88,15 +100,24 @@ class OpenAIGateway:
             )
         token = headers.get(HF_TOKEN_HEADER)
         secrets = {"HF_TOKEN": token} if token else None
-        waiter = self.controller.admit(spec, secrets)  # may raise 503 before anything is sent
-        cold = ColdStart(self, waiter, path, body, dict(headers), usage, started)
+        if key is not None and not key.may_wake and not self.controller.starting(spec.id):
+            raise unavailable(
+                f"The model `{spec.id}` is not running, and the API key {key.id} may not start models; "
+                "retry once an admin has loaded it.",
+                code="model_not_running",
+                retry_after=RETRY_AFTER_NOT_RUNNING,
+            )
+        key_id = key.id if key is not None else None
+        # may raise 503 before anything is sent; a start it causes is the key's
+        waiter = self.controller.admit(spec, secrets, started_by=key_id)
+        cold = ColdStart(self, waiter, path, body, dict(headers), usage, started, key_id)
         if usage is not None:  # a stream
             return ColdStreamResponse(cold)
         try:
             route = await cold.wait_unless_gone(receive)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; logs and metrics do
-        call = Call(route=route, path=path, stream=False, started=started, hot=False)
+        call = Call(route=route, path=path, stream=False, started=started, hot=False, key_id=key_id)
         return ProxiedResponse(self.proxy, call, body, headers)
 
     def route_of(self, spec: ModelSpec) -> Route | None:
@@ -116,6 +137,7 @@ class ColdStart:
     headers: dict[str, str]
     usage: UsageFilter | None
     started: float
+    key_id: str | None = None
 
     async def wait_unless_gone(self, receive: Receive) -> Route:
         """The route once the model is ready; a client that disconnects first leaves the queue
@@ -158,7 +180,13 @@ class ColdStreamResponse(Response):
             return
         else:
             call = Call(
-                route=route, path=cold.path, stream=True, started=cold.started, hot=False, usage=cold.usage
+                route=route,
+                path=cold.path,
+                stream=True,
+                started=cold.started,
+                hot=False,
+                usage=cold.usage,
+                key_id=cold.key_id,
             )
             await cold.gateway.proxy.exchange(call, cold.body, cold.headers, send, receive, open_stream=True)
         await send({"type": "http.response.body", "body": b""})
@@ -277,10 +305,18 @@ def _body_doc(description: str, example: dict[str, Any]) -> dict[str, Any]:
 
 _ERRORS_DOC: dict[int | str, dict[str, Any]] = {
     400: error_doc("Invalid JSON or fields, or the model failed to start recently (`model_failed`)"),
-    404: error_doc("Unknown model: `model_not_found`"),
+    401: error_doc("Missing, wrong, revoked or expired API key: `invalid_api_key`"),
+    404: error_doc("Unknown model, or one the API key may not use: `model_not_found`"),
     413: error_doc("Body too large"),
+    429: error_doc(
+        "The key's requests or tokens per minute (`rate_limit_exceeded`, has `Retry-After`), "
+        "or its monthly budget (`insufficient_quota`)"
+    ),
     502: error_doc("The engine failed"),
-    503: error_doc("Wait queue full, no capacity, or cold start timed out; has `Retry-After`"),
+    503: error_doc(
+        "Wait queue full, no capacity, cold start timed out, or the model is not running and the "
+        "key may not start it (`model_not_running`); has `Retry-After`"
+    ),
 }
 
 

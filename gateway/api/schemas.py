@@ -101,13 +101,17 @@ class EventOut(Out):
 
 
 class CostRow(Out):
-    """One group of `/admin/costs`: the group's key is the one field of model, day, cluster and
-    phase that is present (the `group_by` asked for)."""
+    """One group of `/admin/costs`: the group's key is the one field of model, day, cluster,
+    phase, key and team that is present (the `group_by` asked for)."""
 
     model: str | None = Field(None, examples=["tiny-llama"])
     day: str | None = Field(None, description="UTC day, YYYY-MM-DD.", examples=["2026-11-27"])
     cluster: str | None = Field(None, examples=["llmgw-tiny-llama-1a2b3c4d"])
     phase: str | None = Field(None, examples=["serving"])
+    key: str | None = Field(
+        None, description="Client API key id, `admin` or `-`.", examples=["key-3f2a9c1b7e4d"]
+    )
+    team: str | None = Field(None, description="The keys' team label.", examples=["search"])
     dollars: float = Field(examples=[1.25])
     gpu_hours: float = Field(examples=[1.25])
     cold_dollars: float = Field(description="Launching and loading.", examples=[0.1])

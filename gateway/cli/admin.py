@@ -190,7 +190,7 @@ def events(
 @admin.command("costs")
 def costs(
     ctx: typer.Context,
-    group_by: Annotated[str, typer.Option(help="model, day, cluster or phase.")] = "model",
+    group_by: Annotated[str, typer.Option(help="model, day, cluster, phase, key or team.")] = "model",
     since: Annotated[
         str | None,
         typer.Option(help="ISO time, UTC if no zone (default: 7 days before until).", callback=utc_time),
@@ -200,7 +200,8 @@ def costs(
     ] = None,
     csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
 ) -> None:
-    """GPU cost by model, day, cluster or phase, split into cold, serving, idle and failed."""
+    """GPU cost by model, day, cluster, phase, client API key or team, split into cold, serving,
+    idle and failed."""
     target: Target = ctx.obj
     params = {k: v for k, v in {"group_by": group_by, "since": since, "until": until}.items() if v}
     if csv:

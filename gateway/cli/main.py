@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import secrets
 from pathlib import Path
@@ -12,10 +13,11 @@ import uvicorn
 from pydantic import SecretStr
 
 from gateway.cli.admin import admin
+from gateway.cli.admin_keys import keys
 from gateway.cli.db import db
 from gateway.cli.weights import weights
 from gateway.config.reference import ReferenceError
-from gateway.config.settings import ConfigFileError, load_settings
+from gateway.config.settings import ConfigFileError, Settings, load_settings
 
 # Seconds uvicorn lets open connections finish on SIGTERM before the lifespan shutdown runs
 # (which stops the engines): long enough for a short answer, short enough not to bill GPUs.
@@ -70,6 +72,13 @@ def serve(
         typer.echo(f"llm-gateway --dev: admin token for this run: {generated}", err=True)
     if dev:
         settings = settings.model_copy(update={"upgrade_database_on_start": True})
+    if dev and (opened := dev_client_auth(settings)) is not settings:
+        settings = opened
+        typer.echo(
+            f"llm-gateway --dev: client_auth open on {settings.host}: /v1 takes no API key "
+            "(set client_auth: keys to try keys)",
+            err=True,
+        )
     setup_logging(settings.log_level)
     try:
         application = create_app(settings)
@@ -84,6 +93,21 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
+
+
+def dev_client_auth(settings: Settings) -> Settings:
+    """`--dev`: open access when client_auth is not set and the gateway listens on loopback only
+    (anywhere else, or when set, the settings are kept)."""
+    if settings.client_auth is None and _loopback(settings.host):
+        return settings.model_copy(update={"client_auth": "open"})
+    return settings
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @app.command()
@@ -133,6 +157,7 @@ def export(
         )
 
 
+admin.add_typer(keys, name="keys")
 app.add_typer(admin, name="admin")
 app.add_typer(weights, name="weights")
 app.add_typer(db, name="db")

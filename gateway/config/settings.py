@@ -214,6 +214,12 @@ class Settings(BaseSettings):
     model_reference: Path = Path("model_reference.json")
     provider: Literal["local", "skypilot"] = "local"
     admin_token: SecretStr | None = None
+    client_auth: Literal["keys", "open"] | None = Field(
+        None,
+        description="keys: the OpenAI routes need a client API key (`llm-gateway admin keys create`); "
+        "open: anyone who reaches the gateway may use (and wake) every model. Unset: keys, except "
+        "`serve --dev` on a loopback address, which is open.",
+    )
     hf_token: SecretStr | None = Field(None, description="Hugging Face token handed to engines as a secret.")
     keep_hot_seconds: float = Field(600.0, ge=0)
     cold_start_timeout_seconds: float = Field(900.0, gt=0)
@@ -280,6 +286,10 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, v: str) -> str:
         return v.upper()
+
+    @property
+    def keys_required(self) -> bool:
+        return self.client_auth != "open"
 
     @property
     def resolved_database_url(self) -> str:

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Mapping
 from datetime import datetime
 
+from gateway.accounting.attribution import ADMIN
 from gateway.api.errors import unavailable
 from gateway.clock import Clock
 from gateway.config.reference import Catalog, ModelSpec
@@ -205,11 +206,14 @@ class Controller:
 
     # -- bringing models up -----------------------------------------------------------------
 
-    def admit(self, spec: ModelSpec, secrets: Mapping[str, str] | None = None) -> Waiter:
+    def admit(
+        self, spec: ModelSpec, secrets: Mapping[str, str] | None = None, *, started_by: str | None = None
+    ) -> Waiter:
         """Join (or start) the start of `spec` as one more waiter; 503 past the per-model limit.
 
         Synchronous on purpose: admission is decided before the caller commits to a response.
-        `secrets` (a per-request Hugging Face token) are used only if this call starts it."""
+        `secrets` (a per-request Hugging Face token) are used only if this call starts it, and
+        the start is then attributed to `started_by` (the request's API key id)."""
         model = spec.id
         self._refuse_when_closing(model)
         if self._waiting.get(model, 0) >= self.ctx.settings.max_waiting_requests:
@@ -220,7 +224,7 @@ class Controller:
             )
         runner = next((r for r in self.runners(model) if r.starting), None)
         if runner is None:
-            runner = self._start(spec, dict(secrets or {}))
+            runner = self._start(spec, dict(secrets or {}), started_by)
         self._waiting[model] = self._waiting.get(model, 0) + 1
         return Waiter(self, runner)
 
@@ -230,7 +234,11 @@ class Controller:
         runner = next((r for r in self.runners(spec.id) if r.serving or r.starting), None)
         if runner is None:
             self._refuse_when_closing(spec.id)
-        return runner or self._start(spec, {})
+        return runner or self._start(spec, {}, ADMIN)
+
+    def starting(self, model: str) -> bool:
+        """A start of `model` is under way (a request may join it without starting anything)."""
+        return any(r.starting for r in self.runners(model))
 
     def _refuse_when_closing(self, model: str) -> None:
         """No new start once the gateway is stopping, or has lost the lease."""
@@ -254,7 +262,7 @@ class Controller:
         else:
             self._waiting.pop(model, None)
 
-    def _start(self, spec: ModelSpec, secrets: dict[str, str]) -> DeploymentRunner:
+    def _start(self, spec: ModelSpec, secrets: dict[str, str], started_by: str | None) -> DeploymentRunner:
         dep_id = self.ctx.new_id()  # its runner writes the row first thing
         log.info("deployment %s of %s: created (pending)", dep_id, spec.id)
         runner = DeploymentRunner(
@@ -265,6 +273,7 @@ class Controller:
             launch_spec=self._launch_spec(spec, dep_id, secrets),
             previous=self.runners(spec.id),
             request_secrets=bool(secrets),
+            started_by=started_by,
         )
         self._runners[dep_id] = runner
         return runner

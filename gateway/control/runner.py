@@ -112,6 +112,7 @@ class DeploymentRunner:
         adoption: Adoption | None = None,
         previous: Sequence[DeploymentRunner] = (),
         request_secrets: bool = False,
+        started_by: str | None = None,
     ) -> None:
         self.ctx = ctx
         self.owner = owner
@@ -132,6 +133,8 @@ class DeploymentRunner:
         # Started with a client's own Hugging Face token: its failure says nothing about everyone
         # else's requests, so it is not remembered against them.
         self.request_secrets = request_secrets
+        # Whose start this is (the request's API key id, `admin`): in the row, for cost by key.
+        self.started_by = started_by
         self._adoption = adoption
         self._previous = [r for r in previous if not r.task.done()]
         self._waiting_previous = False
@@ -259,6 +262,7 @@ class DeploymentRunner:
                 provider=self.ctx.provider.name,
                 gpus=gpus,
                 at=self.started_at,
+                started_by=self.started_by,
             )
         except Exception as exc:
             raise self._start_failed(exc) from exc

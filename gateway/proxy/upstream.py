@@ -26,8 +26,9 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.accounting.metrics import Metrics
-from gateway.accounting.usage import UsageRecord, UsageRecorder
+from gateway.accounting.usage import UsageRecord, UsageRecorder, body_tokens, tokens_of
 from gateway.api.errors import GatewayError, bad_gateway, envelope
+from gateway.auth.keyring import KeyRing
 from gateway.clock import Clock
 from gateway.control.activity import Activity
 from gateway.control.fleet import Route
@@ -35,7 +36,8 @@ from gateway.proxy.sse import UsageFilter
 
 log = logging.getLogger(__name__)
 
-# Headers that belong to one connection, or are recomputed, or are the gateway's own business.
+# Headers that belong to one connection, or are recomputed, or are the gateway's own business
+# (the client's Authorization is its gateway API key: the engine gets its own key instead).
 _DROP_REQUEST = frozenset(
     {
         "host",
@@ -102,6 +104,7 @@ class Call:
     upstream_seconds: float | None = None  # time the engine took to answer a buffered request
     status: int = 0
     body: bytes | None = None  # a buffered answer, for its token counts
+    key_id: str | None = None  # the client's API key (client_auth: keys)
 
 
 class Proxy:
@@ -113,6 +116,7 @@ class Proxy:
         clock: Clock,
         metrics: Metrics,
         on_engine_error: Callable[[Route, str], None] = lambda route, reason: None,
+        keys: KeyRing | None = None,
     ) -> None:
         self.read_timeout = read_timeout
         self._session: aiohttp.ClientSession | None = None
@@ -122,6 +126,7 @@ class Proxy:
         self.metrics = metrics
         # Told when an engine did not answer or broke off: the controller checks whether it died.
         self.on_engine_error = on_engine_error
+        self.keys = keys  # told the tokens of keys with a tokens-per-minute limit
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -283,8 +288,23 @@ class Proxy:
                 latency_ms=(now - call.started) * 1000,
                 body=call.body,
                 usage=call.usage.usage if call.usage is not None else None,
+                api_key_id=call.key_id,
             )
         )
+        if call.key_id is not None and self.keys is not None and self.keys.wants_tokens(call.key_id):
+            self.keys.used_tokens(call.key_id, _tokens_of(call))
+
+
+def _tokens_of(call: Call) -> int:
+    """A finished request's tokens, read now (only for keys with a tokens-per-minute limit;
+    the usage recorder reads the others' later, off the loop)."""
+    if call.usage is not None:
+        prompt, completion = tokens_of(call.usage.usage)
+    elif call.body is not None:
+        prompt, completion = body_tokens(call.body)
+    else:
+        return 0
+    return (prompt or 0) + (completion or 0)
 
 
 async def _until_disconnect(pump: Coroutine[Any, Any, None], receive: Receive) -> None:

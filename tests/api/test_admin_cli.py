@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -105,3 +106,28 @@ def test_cli_tables_show_values_as_they_are(tmp_path: Path, stub_url: str) -> No
         code, out = run(url, "failures")
     assert code == 0 and error in out
     assert out.splitlines()[0].split() == ["MODEL", "AT", "ERROR"]
+
+
+def test_cli_keys_create_list_revoke(tmp_path: Path, stub_url: str) -> None:
+    settings = make_settings(tmp_path, MODELS, client_auth="keys")
+    with serve_in_thread(create_app(settings, provider=FakeProvider(endpoint=stub_url))) as url:
+        code, out = run(
+            url, "keys", "create", "search-backend", "--team", "search", "-m", "org/*", "--rpm", "60"
+        )
+        assert code == 0, out
+        key_id, secret = out.splitlines()[0].split()[0], out.splitlines()[1]
+        assert key_id.startswith("key-") and secret.startswith("sk-gw-")
+        chat = {"model": "org/chat", "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(f"{url}/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {secret}"})
+        assert r.status_code == 200
+        code, out = run(url, "keys", "list")
+        assert code == 0 and secret not in out
+        [line] = [line for line in out.splitlines() if line.startswith(key_id)]
+        assert line.split()[1:6] == ["search-backend", "search", "active", "org/*", "True"]
+        code, out = run(url, "costs", "--group-by", "team", "--since", "2000-01-01", "--until", "2999-01-01")
+        assert code == 0 and out.splitlines()[0].split()[:2] == ["TEAM", "DOLLARS"] and "search" in out
+        code, out = run(url, "keys", "revoke", key_id)
+        assert code == 0 and json.loads(out)["state"] == "revoked"
+        r = httpx.post(f"{url}/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {secret}"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert run(url, "keys", "revoke", "key-000000000000")[0] == 1

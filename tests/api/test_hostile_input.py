@@ -106,3 +106,37 @@ async def test_tokens_never_reach_logs_database_or_events(
         assert secret not in caplog.text
         assert secret not in events
         assert secret.encode() not in database
+
+
+async def test_client_keys_never_reach_logs_database_events_or_metrics(
+    tmp_path: Path, stub_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    provider = FakeProvider(endpoint=stub_url)
+    settings = make_settings(tmp_path, client_auth="keys", usage={"raw_rows": True, "flush_seconds": 3600})
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with running_gateway(settings, provider) as (app, client):
+        created = (await client.post("/admin/keys", headers=auth, json={"name": "k", "team": "t"})).json()
+        key = created["key"]
+        wrong = key[:-4] + "XXXX"  # a near miss, as a typo would be
+        used = {"Authorization": f"Bearer {key}"}
+        for body in (CHAT_BODY, {**CHAT_BODY, "stream": True}, {**CHAT_BODY, "model": "nope"}):
+            await client.post("/v1/chat/completions", json=body, headers=used)
+        await client.post(
+            "/v1/chat/completions", json=CHAT_BODY, headers={"Authorization": f"Bearer {wrong}"}
+        )
+        await client.get("/v1/models", headers=used)
+        listed = (await client.get("/admin/keys", headers=auth)).text
+        await client.delete(f"/admin/keys/{created['id']}", headers=auth)
+        await client.post("/v1/chat/completions", json=CHAT_BODY, headers=used)  # revoked: 401
+        await client.get("/admin/costs?group_by=key", headers=auth)
+        metrics = (await client.get("/metrics")).text
+        await app.state.usage.flush()
+        await app.state.reaper.tick(app.state.controller.clock())
+        events = " ".join(e.message for e in app.state.store.events())
+        assert [r.api_key_id for r in app.state.store.usage()][:2] == [created["id"]] * 2
+    database = b"".join(p.read_bytes() for p in (tmp_path / "data").glob("gateway.db*"))
+    for secret in (key, wrong, key[len("sk-gw-") :]):
+        for text in (caplog.text, events, metrics, listed):
+            assert secret not in text
+        assert secret.encode() not in database

@@ -93,6 +93,7 @@ def start_gateway(
     config: dict[str, Any] = {
         "port": port,
         "admin_token": ADMIN_TOKEN,
+        "client_auth": "open",  # the key test (test_keys_vllm.py) sets keys
         "after_hours": None,
         "data_dir": str(data),
         "model_reference": str(reference),

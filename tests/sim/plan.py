@@ -104,6 +104,7 @@ class Scenario:
             database_url=f"sqlite:///{root / 'gateway.db'}",
             model_reference=reference,
             admin_token=ADMIN_TOKEN,
+            client_auth="open",  # the simulated clients carry no API key
             reaper_interval_seconds=TICK,
             controller_lease_seconds=LEASE,
             keep_hot_seconds=KEEP_HOT,

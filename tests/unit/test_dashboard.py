@@ -43,6 +43,7 @@ UNLABELLED_BY_MODEL = {
     "llmgw_gpus_in_use",
     "llmgw_event_loop_lag_seconds",
     "llmgw_db_writes_pending",
+    "llmgw_team_cost_month_dollars",
 }
 # Quantiles of request latency are only defined once there was a request: their series come then.
 TRAFFIC_DEFINED = {"llmgw_request_duration_seconds_bucket", "llmgw_gateway_overhead_seconds_bucket"}

@@ -14,7 +14,13 @@ import pytest
 from moto import mock_aws
 from sqlalchemy import insert
 
-from gateway.accounting.export import COST_COLUMNS, USAGE_COLUMNS, export_day, finished_days
+from gateway.accounting.export import (
+    COST_COLUMNS,
+    KEY_COST_COLUMNS,
+    USAGE_COLUMNS,
+    export_day,
+    finished_days,
+)
 from state import CostInterval, Store
 from state.tables import LATENCY_COLUMNS, UsageMinute
 
@@ -103,10 +109,12 @@ def test_export_writes_the_day_under_hive_keys_and_reads_back_equal(s3: object, 
     assert [(r.key, r.rows, r.written) for r in results] == [
         ("team/llmgw/usage/date=2026-11-26/usage.csv", 4, True),
         ("team/llmgw/costs/date=2026-11-26/costs.csv", 3, True),
+        ("team/llmgw/key_costs/date=2026-11-26/key_costs.csv", 2, True),
     ]
     listed = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="costs")["Contents"])  # type: ignore[attr-defined]
     assert listed == [
         "team/llmgw/costs/date=2026-11-26/costs.csv",
+        "team/llmgw/key_costs/date=2026-11-26/key_costs.csv",
         "team/llmgw/usage/date=2026-11-26/usage.csv",
     ]
     usage = read_csv(s3, results[0].key)
@@ -132,6 +140,13 @@ def test_export_writes_the_day_under_hive_keys_and_reads_back_equal(s3: object, 
     ]
     assert [float(c["dollars"]) for c in costs] == [3.6, 1.8, 3.6]
     assert all(float(c["gpu_seconds"]) == 2 * float(c["seconds"]) for c in costs)
+    # No deployment row names a starter (d2's cold hour is `-`); m-d1's serving and idle time is
+    # split by the day's tokens: 17 of k1 (a key without a row: no team), 65 without a key.
+    by_key = read_csv(s3, results[2].key)
+    assert list(by_key[0]) == KEY_COST_COLUMNS
+    assert [(k["key"], k["team"]) for k in by_key] == [("-", "-"), ("k1", "-")]
+    assert float(by_key[1]["dollars"]) == pytest.approx(5.4 * 17 / 82, abs=1e-6)
+    assert sum(float(k["dollars"]) for k in by_key) == pytest.approx(9.0)
 
 
 def test_a_second_run_changes_nothing(s3: object, store: Store) -> None:
@@ -140,7 +155,7 @@ def test_a_second_run_changes_nothing(s3: object, store: Store) -> None:
         o["Key"]: (o["ETag"], o["LastModified"]) for o in s3.list_objects_v2(Bucket="costs")["Contents"]
     }  # type: ignore[attr-defined]
     second = export_day(store, s3, bucket="costs", prefix="p", day=DAY)
-    assert [r.written for r in first] == [True, True] and [r.written for r in second] == [False, False]
+    assert [r.written for r in first] == [True] * 3 and [r.written for r in second] == [False] * 3
     again = {o["Key"]: (o["ETag"], o["LastModified"]) for o in s3.list_objects_v2(Bucket="costs")["Contents"]}  # type: ignore[attr-defined]
     assert again == stamps
 

@@ -58,3 +58,15 @@ def test_bad_config(tmp_path: Path) -> None:
     cfg.write_text("provider: kubernetes\n")
     with pytest.raises(ValueError, match="provider"):
         load_settings(cfg)
+
+
+def test_client_keys_are_required_unless_open_or_dev_on_loopback(tmp_path: Path) -> None:
+    from gateway.cli.main import dev_client_auth
+
+    base = {"data_dir": tmp_path, "admin_token": "t" * 24}
+    assert Settings(**base).keys_required
+    assert not Settings(**base, client_auth="open").keys_required
+    for host in ("127.0.0.1", "::1", "localhost"):
+        assert not dev_client_auth(Settings(**base, host=host)).keys_required
+    assert dev_client_auth(Settings(**base, host="0.0.0.0")).keys_required  # reachable: keys
+    assert dev_client_auth(Settings(**base, client_auth="keys")).keys_required  # asked for
