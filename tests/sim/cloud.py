@@ -102,6 +102,7 @@ class SimCloud:
         self.billing: dict[str, list[list[float]]] = {}  # cluster -> [start, end or inf]
         self.launched_by: dict[str, str] = {}  # deployment id -> cluster its launch created
         self.died: dict[str, float] = {}  # cluster -> when it vanished without a stop
+        self.removed_at: dict[str, float] = {}  # cluster -> when it went
         self.removals: list[Removal] = []
         self.calls: list[CallRecord] = []
         self.injected: Counter[str] = Counter()
@@ -185,6 +186,7 @@ class SimCloud:
         if cluster.load_timer is not None:
             cluster.load_timer.cancel()
         self._wake(cluster, EngineExited(f"cluster {cluster.name} is gone ({reason})"))
+        self.removed_at[cluster.name] = self.now
         self.removals.append(Removal(self.now, cluster.name, cluster.deployment_id, cluster.model, reason))
         self.log(f"remove {cluster.name} ({reason})")
 

@@ -30,7 +30,9 @@ Slack, and why (all virtual seconds, see plan.py for the values):
 - schedule actions: within TICK + 2 s of the firing (+ CHECK_EVERY for pre-warm events, which
   the gateway stamps with the wall clock, so the checker dates them when it sees them);
 - the ledger matches the world within 2 TICK + 1 s, plus HEARTBEAT + TICK for a cluster that
-  vanished without a stop (preempted, failsafe): the next heartbeat is how anyone can know;
+  vanished without a stop (preempted, failsafe): the next heartbeat is how anyone can know; plus,
+  for a cluster that went while no live gateway held the lease, that unwatched time (the new
+  holder can only guess when it went);
 - an engine whose stop hangs or fails right now (or did less than 2 TICK + STOP_MAX ago, time
   to retry) may keep running and is not counted as idle.
 
@@ -84,6 +86,7 @@ class Checker:
         self._seen: set[tuple[object, ...]] = set()
         self._calls_checked = 0
         self._events_after = 0
+        self.holderless: list[list[float]] = []  # [start, end or inf]: no live lease holder
 
     def flag(self, invariant: str, key: object, detail: str) -> None:
         if (invariant, key) in self._seen:
@@ -107,9 +110,23 @@ class Checker:
 
     # -- checks -----------------------------------------------------------------------------
 
+    def _track_holder(self, holder: Gateway | None) -> None:
+        now = self.sim.now()
+        if holder is None and (not self.holderless or self.holderless[-1][1] != math.inf):
+            self.holderless.append([now, math.inf])
+        elif holder is not None and self.holderless and self.holderless[-1][1] == math.inf:
+            self.holderless[-1][1] = now
+
+    def unwatched(self, since: float) -> float:
+        """Seconds after `since` when no live gateway held the lease (sampled every check)."""
+        now = self.sim.now()
+        seconds = sum(max(0.0, min(end, now) - max(start, since)) for start, end in self.holderless)
+        return seconds + CHECK_EVERY if seconds > 0 else 0.0
+
     def after_step(self) -> None:
         rows = self.sim.view.rows()
         holder = self.holder()
+        self._track_holder(holder)
         self.world_owned(rows)
         self.owner_alive(rows, holder)
         self.stale_routes(rows, holder)
@@ -119,6 +136,7 @@ class Checker:
         self.periodic()
 
     def periodic(self) -> None:
+        self._track_holder(self.holder())
         self.schedules()
         self.in_flight()
         self.request_waits()
@@ -280,6 +298,8 @@ class Checker:
             billed = sum((iv.end if iv.end is not None else now) - iv.start for iv in spans)
             ran = sum(min(end, now) - start for start, end in world.billing.get(name, []))
             tolerance = 2 * TICK + 1 + (HEARTBEAT + TICK if name in world.died else 0)
+            if name in world.removed_at:  # it went while nobody watched: its end is a guess
+                tolerance += self.unwatched(world.removed_at[name] - CHECK_EVERY)
             if abs(billed - ran) > tolerance:
                 self.flag(
                     "ledger-sum",
