@@ -31,8 +31,9 @@ Slack, and why (all virtual seconds, see plan.py for the values):
   the gateway stamps with the wall clock, so the checker dates them when it sees them);
 - the ledger matches the world within 2 TICK + 1 s, plus HEARTBEAT + TICK for a cluster that
   vanished without a stop (preempted, failsafe): the next heartbeat is how anyone can know; plus,
-  for a cluster that went while no live gateway held the lease, that unwatched time (the new
-  holder can only guess when it went);
+  for a cluster that went while no live gateway held the lease, the length of that unwatched
+  stretch (the new holder can only guess when in it the cluster went; a cluster that went while
+  a holder watched gets no such slack, however long nobody watched later);
 - an engine whose stop hangs or fails right now (or did less than 2 TICK + STOP_MAX ago, time
   to retry) may keep running and is not counted as idle.
 
@@ -55,7 +56,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tests.sim import driver
-from tests.sim.plan import COLD_START_TIMEOUT, DRAIN, HEARTBEAT, MAX_WAITING, TICK, known_bounds
+from tests.sim.plan import CHECK_EVERY, COLD_START_TIMEOUT, DRAIN, HEARTBEAT, MAX_WAITING, TICK, known_bounds
 from tests.sim.store_view import TERMINAL, Interval, Row
 
 if TYPE_CHECKING:
@@ -117,11 +118,15 @@ class Checker:
         elif holder is not None and self.holderless and self.holderless[-1][1] == math.inf:
             self.holderless[-1][1] = now
 
-    def unwatched(self, since: float) -> float:
-        """Seconds after `since` when no live gateway held the lease (sampled every check)."""
+    def unwatched(self, at: float) -> float:
+        """How long nobody watched around `at`: the length of the stretch without a live lease
+        holder that `at` falls in (sampled every check, hence the CHECK_EVERY either side), 0
+        if a holder watched then. Only that stretch: a later one says nothing about `at`."""
         now = self.sim.now()
-        seconds = sum(max(0.0, min(end, now) - max(start, since)) for start, end in self.holderless)
-        return seconds + CHECK_EVERY if seconds > 0 else 0.0
+        for start, end in self.holderless:
+            if start - CHECK_EVERY <= at <= end + CHECK_EVERY:
+                return min(end, now) - start + CHECK_EVERY
+        return 0.0
 
     def after_step(self) -> None:
         rows = self.sim.view.rows()
@@ -299,7 +304,7 @@ class Checker:
             ran = sum(min(end, now) - start for start, end in world.billing.get(name, []))
             tolerance = 2 * TICK + 1 + (HEARTBEAT + TICK if name in world.died else 0)
             if name in world.removed_at:  # it went while nobody watched: its end is a guess
-                tolerance += self.unwatched(world.removed_at[name] - CHECK_EVERY)
+                tolerance += self.unwatched(world.removed_at[name])
             if abs(billed - ran) > tolerance:
                 self.flag(
                     "ledger-sum",
