@@ -39,7 +39,13 @@ async def reconcile(controller: Controller, catalog: Catalog, *, unknown: str = 
         if ref is None and dep.id in by_deployment:  # launched, but the gateway died before recording it
             ref = by_deployment[dep.id].ref
         if ref is None or ref.provider != controller.provider.name:
-            controller.close_stale(dep, f"left {dep.state} by an earlier gateway process; no engine found")
+            # No cluster is recorded or listed for it (a launch that found no capacity, say,
+            # whose gateway could not write that down): billed only while a gateway saw it.
+            controller.close_stale(
+                dep,
+                f"left {dep.state} by an earlier gateway process; no engine found",
+                cost_until=_last_checked(controller, dep) if listed is not None else None,
+            )
             continue
         found = _take(listed, ref) if listed is not None else None
         await _known_engine(controller, catalog, dep, ref, vanished=listed is not None and found is None)
@@ -139,14 +145,19 @@ def _vanished_at(controller: Controller, dep: Deployment) -> datetime:
     than the last time the ledger saw it open. One whose stop had begun is taken to have ended
     when it was asked to (what the stop itself took is not known)."""
     now = controller.clock()
-    deployment_id = dep.id
     if dep.state == DeploymentState.STOPPING.value and dep.stopping_at is not None:
         return min(now, dep.stopping_at)
     interval = controller.provider.heartbeat_interval_seconds
-    checked = [i.checked_at for i in controller.store.open_intervals() if i.deployment_id == deployment_id]
-    if not checked or checked[0] is None or interval is None:
+    checked = _last_checked(controller, dep)
+    if checked is None or interval is None:
         return now
-    return min(now, checked[0] + timedelta(seconds=3 * interval))
+    return min(now, checked + timedelta(seconds=3 * interval))
+
+
+def _last_checked(controller: Controller, dep: Deployment) -> datetime | None:
+    """The last time a gateway saw the deployment's cost interval open (None: no open one)."""
+    checked = [i.checked_at for i in controller.store.open_intervals() if i.deployment_id == dep.id]
+    return checked[0] if checked else None
 
 
 _ADOPTABLE = frozenset({DeploymentState.LOADING.value, DeploymentState.READY.value})
