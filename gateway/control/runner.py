@@ -533,6 +533,8 @@ class DeploymentRunner:
         store's leaves the state moved (`_record` completes it)."""
         old = self.state
         at = self.ctx.clock()
+        if not self.ctx.acting():  # a lapsed lease (a stall): the new holder owns the row now
+            raise ProviderError(f"not the controller lease holder: {self.id} not moved to {new}")
         if not self.ctx.store.transition(self.id, expected=old, new=new, at=at, **fields):
             raise ProviderError(f"deployment {self.id} is no longer {old}")
         self.state = new
