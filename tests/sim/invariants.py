@@ -31,7 +31,8 @@ Slack, and why (all virtual seconds, see plan.py for the values):
   the gateway stamps with the wall clock, so the checker dates them when it sees them);
 - the ledger matches the world within 2 TICK + 1 s, plus HEARTBEAT + TICK for a cluster that
   vanished without a stop (preempted, failsafe): the next heartbeat is how anyone can know; plus,
-  for a cluster that went while no live gateway held the lease, the length of that unwatched
+  for a cluster that went while no live gateway held the lease (or the holder's database
+  refused every statement, so it could record nothing), the length of that unwatched
   stretch (the new holder can only guess when in it the cluster went; a cluster that went while
   a holder watched gets no such slack, however long nobody watched later);
 - an engine whose stop hangs or fails right now (or did less than 2 TICK + STOP_MAX ago, time
@@ -113,6 +114,8 @@ class Checker:
 
     def _track_holder(self, holder: Gateway | None) -> None:
         now = self.sim.now()
+        if holder is not None and holder.db.fail_until > now:
+            holder = None  # its store refuses every write: it can record nothing it sees
         if holder is None and (not self.holderless or self.holderless[-1][1] != math.inf):
             self.holderless.append([now, math.inf])
         elif holder is not None and self.holderless and self.holderless[-1][1] == math.inf:
