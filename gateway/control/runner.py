@@ -203,9 +203,10 @@ class DeploymentRunner:
     def receive_cluster(self, ref: ClusterRef) -> None:
         """Called by a victim, synchronously, as it hands over: from now on this runner owns
         `ref`, and its `finally` stops it if the deployment never becomes ready. The store says
-        so at once, so a gateway that dies here leaves the cluster to this deployment's row."""
-        self.ref = ref
+        so at once, so a gateway that dies here leaves the cluster to this deployment's row.
+        The store first: if it cannot be written, the victim keeps the cluster (and stops it)."""
         self.ctx.store.update_deployment(self.id, cluster=ref.name, handle=ref_json(ref))
+        self.ref = ref
 
     def check_engine(self, reason: str) -> None:
         """The proxy could not talk to the engine: probe it, and stop as failed if it is gone."""
