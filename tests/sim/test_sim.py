@@ -179,6 +179,10 @@ REGRESSION_SEEDS: dict[tuple[int, int, str], tuple[str, str]] = {
         "ledger-sum",
         "a launch that failed while its gateway was killed: billed until the reconcile, not 2 s",
     ),
+    (128, 34, "mix"): (
+        "ledger-sum",
+        "a takeover whose victim cannot record the handover: both own the cluster, no discard",
+    ),
     (99, 8, "mix"): (
         "ledger-sum",
         "(sim) a cluster that went during the holder's DB outage: its end is a guess, like a kill's",
