@@ -44,6 +44,7 @@ class Cluster:
     engine: str = "provisioning"  # provisioning, loading, ready, crashed, none
     engine_seq: int = 0
     ready_at: float | None = None
+    load_failed_at: float | None = None  # its engine exited while loading (never ready)
     armed_at: float = 0.0  # last failsafe heartbeat (or the launch)
     stop_fault_until: float = -math.inf  # a stop of it hangs or failed until then
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
@@ -224,6 +225,7 @@ class SimCloud:
         cluster.engine = "loading"
         cluster.engine_seq += 1
         cluster.ready_at = None
+        cluster.load_failed_at = None
         if self.roll(self.faults.load_fail):
             self.fault("load-fail", view, cluster.name)
             cluster.load_timer = self.later(self.draw(self.durations.load), self._crash_loading, cluster)
@@ -244,6 +246,7 @@ class SimCloud:
         cluster.load_timer = None
         if cluster.engine == "loading":
             cluster.engine = "crashed"
+            cluster.load_failed_at = self.now
             self.log(f"engine exited while loading on {cluster.name}")
             self._wake(cluster, EngineExited(f"engine on {cluster.name} exited while loading (code 1)"))
 

@@ -242,8 +242,12 @@ class Checker:
             priority, keep_hot = self._effective(holder, c.model)
             if priority >= PINNED:
                 continue
+            # An engine that exited while loading was never idle: its start was under way until
+            # then (counting from the cluster's creation flagged a failed start that was being
+            # stopped: seed 160).
+            started = c.ready_at if c.ready_at is not None else (c.load_failed_at or c.created_at)
             since = max(
-                c.ready_at if c.ready_at is not None else c.created_at,
+                started,
                 self.sim.last_activity.get((holder.name, c.model), -math.inf),
                 self.sim.changed_at.get(c.model, -math.inf),
                 holder.started_at,
