@@ -187,6 +187,10 @@ REGRESSION_SEEDS: dict[tuple[int, int, str], tuple[str, str]] = {
         "ledger-sum",
         "(sim) a cluster that went during the holder's DB outage: its end is a guess, like a kill's",
     ),
+    (160, 12, "mix"): (
+        "idle-billing",
+        "(sim) an engine that exited while loading counted idle from its cluster's creation",
+    ),
     (18, 40, "mix"): (
         "idle-billing",
         "(sim) the quiesce thawed a stalled holder but counted its idle time from before the stall",
