@@ -53,8 +53,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await rt.start()
-        try:
+        try:  # a startup that fails still shuts down: the lease released, its tasks ended
+            await rt.start()
             yield
         finally:
             await rt.stop()

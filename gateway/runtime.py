@@ -212,6 +212,8 @@ class Runtime:
         )
         await self._check_failsafe()
         await reconcile(self.controller, catalog, unknown=self.settings.reconcile_unknown)
+        if self.lease.lost:  # while reconciling: this process is stopping (on_lease_lost)
+            return
         # Series that exist from the start: Prometheus' increase() ignores a series' first sample.
         self.metrics.known(known_models(catalog, store, self.settings.metrics_known_models))
         self._tasks.append(self.reaper.start())

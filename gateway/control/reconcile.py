@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from functools import partial
+from typing import TypeVar
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config.reference import Catalog
 from gateway.control.controller import Controller
@@ -29,17 +34,39 @@ log = logging.getLogger(__name__)
 # Tries of the provider's list before reconcile goes on without it.
 LIST_TRIES = 3
 LIST_RETRY_SECONDS = 2.0
+# A store write refused by the database (busy, locked) is retried after 1, 2, 4 … seconds.
+STORE_RETRY_MAX_SECONDS = 8.0
+
+T = TypeVar("T")
+
+
+class _LeaseLost(Exception):
+    """The lease went while the reconcile waited for the database: the new holder reconciles."""
 
 
 async def reconcile(controller: Controller, catalog: Catalog, *, unknown: str = "down") -> None:
+    try:
+        await _reconcile(controller, catalog, unknown)
+    except _LeaseLost:
+        log.error("reconcile: the controller lease was lost; left to the new holder")
+
+
+async def _reconcile(controller: Controller, catalog: Catalog, unknown: str) -> None:
     listed = await _list(controller)
     by_deployment = {info.ref.deployment_id: info for info in (listed or {}).values()}
-    for dep in controller.store.live_deployments():
+    for dep in await _stored(controller, controller.store.live_deployments):
         ref = ref_from_json(dep.handle)
         if ref is None and dep.id in by_deployment:  # launched, but the gateway died before recording it
             ref = by_deployment[dep.id].ref
         if ref is None or ref.provider != controller.provider.name:
-            controller.close_stale(dep, f"left {dep.state} by an earlier gateway process; no engine found")
+            # No cluster is recorded or listed for it (a launch that found no capacity, say,
+            # whose gateway could not write that down): billed only while a gateway saw it.
+            await _close_stale(
+                controller,
+                dep,
+                f"left {dep.state} by an earlier gateway process; no engine found",
+                partial(_last_checked, controller, dep) if listed is not None else _now,
+            )
             continue
         found = _take(listed, ref) if listed is not None else None
         await _known_engine(controller, catalog, dep, ref, vanished=listed is not None and found is None)
@@ -55,6 +82,33 @@ def _take(listed: dict[str, ClusterInfo], ref: ClusterRef) -> ClusterInfo | None
         found = found or listed[name]
         del listed[name]
     return found
+
+
+async def _stored(controller: Controller, step: Callable[[], T]) -> T:
+    """A store step of the reconcile, retried through database errors while this process holds
+    the lease: a busy database must not abort the startup (the gateway would exit holding it)."""
+    tries = 0
+    while True:
+        try:
+            return step()
+        except SQLAlchemyError as exc:
+            if not controller.ctx.acting():
+                raise _LeaseLost from exc
+            tries += 1
+            log.warning("reconcile: database error (try %d), retried: %s", tries, exc)
+            await asyncio.sleep(min(2.0 ** (tries - 1), STORE_RETRY_MAX_SECONDS))
+
+
+async def _close_stale(
+    controller: Controller, dep: Deployment, message: str, cost_until: Callable[[], datetime | None]
+) -> None:
+    """`close_stale`, retried as a whole: its compare-and-swaps make a second run finish what
+    the first left."""
+    await _stored(controller, lambda: controller.close_stale(dep, message, cost_until=cost_until()))
+
+
+def _now() -> None:
+    """The cost ends now (close_stale's default): the engine was stopped just now."""
 
 
 async def _list(controller: Controller) -> dict[str, ClusterInfo] | None:
@@ -89,10 +143,11 @@ async def _known_engine(
             )
             return
     if provider.adopt_on_restart and vanished:
-        controller.close_stale(
+        await _close_stale(
+            controller,
             dep,
             f"left {dep.state} by an earlier gateway process; {ref.name} vanished",
-            cost_until=_vanished_at(controller, dep),
+            lambda: _vanished_at(controller, dep),
         )
         return
     message = f"left {dep.state} by an earlier gateway process"
@@ -101,7 +156,7 @@ async def _known_engine(
             await provider.stop(ref)
     except Exception as exc:
         if spec is None:
-            controller.close_stale(dep, f"{message}; stopping {ref.name} failed: {exc}")
+            await _close_stale(controller, dep, f"{message}; stopping {ref.name} failed: {exc}", _now)
             return
         # A runner owns it and keeps trying to stop it.
         runner = controller.adopt(
@@ -109,7 +164,7 @@ async def _known_engine(
         )
         runner.request_stop(StopRequest("reconciled", f"{message}; stop retried", drain=False))
         return
-    controller.close_stale(dep, f"{message}; {ref.name} was stopped")
+    await _close_stale(controller, dep, f"{message}; {ref.name} was stopped", _now)
 
 
 async def _still_loading(controller: Controller, dep: Deployment, ref: ClusterRef) -> bool:
@@ -139,14 +194,19 @@ def _vanished_at(controller: Controller, dep: Deployment) -> datetime:
     than the last time the ledger saw it open. One whose stop had begun is taken to have ended
     when it was asked to (what the stop itself took is not known)."""
     now = controller.clock()
-    deployment_id = dep.id
     if dep.state == DeploymentState.STOPPING.value and dep.stopping_at is not None:
         return min(now, dep.stopping_at)
     interval = controller.provider.heartbeat_interval_seconds
-    checked = [i.checked_at for i in controller.store.open_intervals() if i.deployment_id == deployment_id]
-    if not checked or checked[0] is None or interval is None:
+    checked = _last_checked(controller, dep)
+    if checked is None or interval is None:
         return now
-    return min(now, checked[0] + timedelta(seconds=3 * interval))
+    return min(now, checked + timedelta(seconds=3 * interval))
+
+
+def _last_checked(controller: Controller, dep: Deployment) -> datetime | None:
+    """The last time a gateway saw the deployment's cost interval open (None: no open one)."""
+    checked = [i.checked_at for i in controller.store.open_intervals() if i.deployment_id == dep.id]
+    return checked[0] if checked else None
 
 
 _ADOPTABLE = frozenset({DeploymentState.LOADING.value, DeploymentState.READY.value})

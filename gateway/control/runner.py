@@ -208,14 +208,18 @@ class DeploymentRunner:
         self._wake.set()
         return future
 
-    def receive_cluster(self, ref: ClusterRef) -> None:
+    async def receive_cluster(self, ref: ClusterRef) -> None:
         """Called by a victim, synchronously, as it hands over: from now on this runner owns
         `ref`, and its `finally` stops it if the deployment never becomes ready. The store says
-        so at once, so a gateway that dies here leaves the cluster to this deployment's row."""
-        self.ref = ref
-        self.ctx.writer.submit(
+        so at once, so a gateway that dies here leaves the cluster to this deployment's row.
+        The store first: if it cannot be written, or this runner ended meanwhile, this raises and
+        the victim keeps the cluster (and stops it)."""
+        await self.ctx.writer.run(
             self.ctx.store.update_deployment, self.id, cluster=ref.name, handle=ref_json(ref)
         )
+        if self.done:
+            raise ProviderError(f"deployment {self.id} ended before it received {ref.name}")
+        self.ref = ref
 
     def check_engine(self, reason: str) -> None:
         """The proxy could not talk to the engine: probe it, and stop as failed if it is gone."""
@@ -380,7 +384,13 @@ class DeploymentRunner:
             return False
         assert self.ref is not None
         self._cancel_children()
-        requester.receive_cluster(self.ref)
+        try:
+            await requester.receive_cluster(self.ref)
+        except Exception as exc:  # the requester's row cannot name it, or it is gone: keep it
+            self.stop_request = StopRequest(
+                "evicted", f"handover to {requester.model} failed: {exc}", drain=False
+            )
+            return False
         self.handed_over_to = requester.model
         handover.future.set_result(self.ref)
         return True
@@ -587,6 +597,8 @@ class DeploymentRunner:
         its writes: it never fails here). Once sent, a move completes even if the runner is
         cancelled meanwhile: memory must follow the row."""
         old, at = self.state, self.ctx.clock()
+        if not self.ctx.acting():  # a lapsed lease (a stall): the new holder owns the row now
+            raise ProviderError(f"not the controller lease holder: {self.id} not moved to {new}")
         sent = self.ctx.writer.run(self.ctx.store.transition, self.id, expected=old, new=new, at=at, **fields)
         move = self._moving = asyncio.ensure_future(self._landed(sent, new, at))
         move.add_done_callback(_retrieve)

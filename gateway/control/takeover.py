@@ -54,7 +54,7 @@ class Takeover:
         self._remember(victim.model, spec.id, now)
         requester.rehold(ref)
         swapped = await self.ctx.provider.swap(ref, requester.launch_spec)
-        requester.receive_cluster(swapped)
+        await requester.receive_cluster(swapped)
         requester.hold(swapped)  # the swapped ref's price
         self.ctx.writer.submit(
             self.ctx.store.record_event,

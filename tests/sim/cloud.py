@@ -44,6 +44,7 @@ class Cluster:
     engine: str = "provisioning"  # provisioning, loading, ready, crashed, none
     engine_seq: int = 0
     ready_at: float | None = None
+    load_failed_at: float | None = None  # its engine exited while loading (never ready)
     armed_at: float = 0.0  # last failsafe heartbeat (or the launch)
     stop_fault_until: float = -math.inf  # a stop of it hangs or failed until then
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
@@ -102,6 +103,7 @@ class SimCloud:
         self.billing: dict[str, list[list[float]]] = {}  # cluster -> [start, end or inf]
         self.launched_by: dict[str, str] = {}  # deployment id -> cluster its launch created
         self.died: dict[str, float] = {}  # cluster -> when it vanished without a stop
+        self.removed_at: dict[str, float] = {}  # cluster -> when it went
         self.removals: list[Removal] = []
         self.calls: list[CallRecord] = []
         self.injected: Counter[str] = Counter()
@@ -185,6 +187,7 @@ class SimCloud:
         if cluster.load_timer is not None:
             cluster.load_timer.cancel()
         self._wake(cluster, EngineExited(f"cluster {cluster.name} is gone ({reason})"))
+        self.removed_at[cluster.name] = self.now
         self.removals.append(Removal(self.now, cluster.name, cluster.deployment_id, cluster.model, reason))
         self.log(f"remove {cluster.name} ({reason})")
 
@@ -222,6 +225,7 @@ class SimCloud:
         cluster.engine = "loading"
         cluster.engine_seq += 1
         cluster.ready_at = None
+        cluster.load_failed_at = None
         if self.roll(self.faults.load_fail):
             self.fault("load-fail", view, cluster.name)
             cluster.load_timer = self.later(self.draw(self.durations.load), self._crash_loading, cluster)
@@ -242,6 +246,7 @@ class SimCloud:
         cluster.load_timer = None
         if cluster.engine == "loading":
             cluster.engine = "crashed"
+            cluster.load_failed_at = self.now
             self.log(f"engine exited while loading on {cluster.name}")
             self._wake(cluster, EngineExited(f"engine on {cluster.name} exited while loading (code 1)"))
 

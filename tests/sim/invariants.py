@@ -30,7 +30,11 @@ Slack, and why (all virtual seconds, see plan.py for the values):
 - schedule actions: within TICK + 2 s of the firing (+ CHECK_EVERY for pre-warm events, which
   the gateway stamps with the wall clock, so the checker dates them when it sees them);
 - the ledger matches the world within 2 TICK + 1 s, plus HEARTBEAT + TICK for a cluster that
-  vanished without a stop (preempted, failsafe): the next heartbeat is how anyone can know;
+  vanished without a stop (preempted, failsafe): the next heartbeat is how anyone can know; plus,
+  for a cluster that went while no live gateway held the lease (or the holder's database
+  refused every statement, so it could record nothing), the length of that unwatched
+  stretch (the new holder can only guess when in it the cluster went; a cluster that went while
+  a holder watched gets no such slack, however long nobody watched later);
 - an engine whose stop hangs or fails right now (or did less than 2 TICK + STOP_MAX ago, time
   to retry) may keep running and is not counted as idle.
 
@@ -53,7 +57,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tests.sim import driver
-from tests.sim.plan import COLD_START_TIMEOUT, DRAIN, HEARTBEAT, MAX_WAITING, TICK, known_bounds
+from tests.sim.plan import CHECK_EVERY, COLD_START_TIMEOUT, DRAIN, HEARTBEAT, MAX_WAITING, TICK, known_bounds
 from tests.sim.store_view import TERMINAL, Interval, Row
 
 if TYPE_CHECKING:
@@ -84,6 +88,7 @@ class Checker:
         self._seen: set[tuple[object, ...]] = set()
         self._calls_checked = 0
         self._events_after = 0
+        self.holderless: list[list[float]] = []  # [start, end or inf]: no live lease holder
 
     def flag(self, invariant: str, key: object, detail: str) -> None:
         if (invariant, key) in self._seen:
@@ -107,9 +112,29 @@ class Checker:
 
     # -- checks -----------------------------------------------------------------------------
 
+    def _track_holder(self, holder: Gateway | None) -> None:
+        now = self.sim.now()
+        if holder is not None and holder.db.fail_until > now:
+            holder = None  # its store refuses every write: it can record nothing it sees
+        if holder is None and (not self.holderless or self.holderless[-1][1] != math.inf):
+            self.holderless.append([now, math.inf])
+        elif holder is not None and self.holderless and self.holderless[-1][1] == math.inf:
+            self.holderless[-1][1] = now
+
+    def unwatched(self, at: float) -> float:
+        """How long nobody watched around `at`: the length of the stretch without a live lease
+        holder that `at` falls in (sampled every check, hence the CHECK_EVERY either side), 0
+        if a holder watched then. Only that stretch: a later one says nothing about `at`."""
+        now = self.sim.now()
+        for start, end in self.holderless:
+            if start - CHECK_EVERY <= at <= end + CHECK_EVERY:
+                return min(end, now) - start + CHECK_EVERY
+        return 0.0
+
     def after_step(self) -> None:
         rows = self.sim.view.rows()
         holder = self.holder()
+        self._track_holder(holder)
         self.world_owned(rows)
         self.owner_alive(rows, holder)
         self.stale_routes(rows, holder)
@@ -119,6 +144,7 @@ class Checker:
         self.periodic()
 
     def periodic(self) -> None:
+        self._track_holder(self.holder())
         self.schedules()
         self.in_flight()
         self.request_waits()
@@ -216,8 +242,12 @@ class Checker:
             priority, keep_hot = self._effective(holder, c.model)
             if priority >= PINNED:
                 continue
+            # An engine that exited while loading was never idle: its start was under way until
+            # then (counting from the cluster's creation flagged a failed start that was being
+            # stopped: seed 160).
+            started = c.ready_at if c.ready_at is not None else (c.load_failed_at or c.created_at)
             since = max(
-                c.ready_at if c.ready_at is not None else c.created_at,
+                started,
                 self.sim.last_activity.get((holder.name, c.model), -math.inf),
                 self.sim.changed_at.get(c.model, -math.inf),
                 holder.started_at,
@@ -280,6 +310,8 @@ class Checker:
             billed = sum((iv.end if iv.end is not None else now) - iv.start for iv in spans)
             ran = sum(min(end, now) - start for start, end in world.billing.get(name, []))
             tolerance = 2 * TICK + 1 + (HEARTBEAT + TICK if name in world.died else 0)
+            if name in world.removed_at:  # it went while nobody watched: its end is a guess
+                tolerance += self.unwatched(world.removed_at[name])
             if abs(billed - ran) > tolerance:
                 self.flag(
                     "ledger-sum",
