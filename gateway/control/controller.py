@@ -345,13 +345,14 @@ class Controller:
         for model in sorted({r.model for r in self._runners.values()}):
             runners = self.runners(model)
             spec = self.ctx.catalog.resolve(model) or runners[0].spec
-            if spec.replicas.max <= 1 and spec.replicas.min <= 1:
+            ready = sum(r.serving for r in runners)
+            if spec.replicas.max <= 1 and ready <= 1:
                 continue  # one engine: the autoscaler has nothing to decide
             up, down = spec.scale_up_seconds, spec.scale_down_seconds
             loads.append(
                 ModelLoad(
                     model=model,
-                    ready=sum(r.serving for r in runners),
+                    ready=ready,
                     starting=sum(r.starting for r in runners),
                     load=self.ctx.activity.in_flight(model) + self.waiting(model),
                     min_replicas=spec.replicas.min,

@@ -5,7 +5,7 @@ The load of a model is its requests in flight plus those waiting for it. A repli
 when the load per ready replica stays above the model's target for `up_seconds`; one is removed
 when the load would stay at or below the target with one replica fewer for `down_seconds` (the
 hysteresis: removing a replica never makes the rest exceed the target, so no flapping). A hot
-model below its `min` gets a replica at once. At most one replica of a model starts at a time,
+model below its `min` gets a replica at once, one above its `max` (lowered by a reload) loses one. At most one replica of a model starts at a time,
 and a model with no ready replica is left to the cold start (its first request starts it).
 """
 
@@ -69,6 +69,9 @@ class Autoscaler:
             self._forget(model)
             return None
         per_replica = load.load / load.ready
+        if load.ready > load.max_replicas:  # max lowered (a reload): one at a time, at once
+            self._forget(model)
+            return ScaleAction(model, "down", f"{load.ready} ready > replicas.max {load.max_replicas}")
         if load.ready + load.starting < load.floor:
             self._forget(model)
             if load.starting == 0:

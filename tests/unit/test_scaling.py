@@ -82,6 +82,10 @@ def test_min_is_a_floor_while_hot() -> None:
     assert run(scaler, [(610, load(1, 0, starting=1, lo=2, hi=3))]) == []
 
 
+def test_above_max_after_a_reload_loses_one_at_once() -> None:
+    assert run(Autoscaler(), [(0, load(3, 30, hi=2))]) == [(0, "down")]
+
+
 def test_default_replicas_never_scale() -> None:
     scaler = Autoscaler()
     moments = [(t, load(1, 100, hi=1)) for t in range(0, 600, 10)]
