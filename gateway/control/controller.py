@@ -152,7 +152,9 @@ class Controller:
             if runner.done:
                 continue
             spec = self.ctx.catalog.resolve(runner.model) or runner.spec
-            last = self.ctx.activity.last_used(runner.model)
+            # The model's last request (any replica), or this replica's readiness if later: a
+            # replica that comes up does not keep the others hot.
+            last = self.ctx.activity.last_request(runner.model)
             base = runner.ready_at or self.ctx.clock()
             ref = runner.ref
             keep_hot = spec.keep_hot_seconds
