@@ -26,7 +26,7 @@ from gateway.control.lease import ControllerLease, stop_this_process
 from gateway.control.reaper import Reaper
 from gateway.control.reconcile import reconcile
 from gateway.proxy.upstream import Proxy
-from state import ModelRecord, Store
+from state import Store
 from state.writer import Writer
 from tasks.local import LocalConfig, LocalProvider
 from tasks.provider import Provider
@@ -106,6 +106,10 @@ def price_book(settings: Settings, provider: str) -> PriceBook:
     return PriceBook(per_gpu_hour=costs.gpu_hour, default_gpu_hour=costs.default_gpu_hour)
 
 
+# Attempts (a second apart) to write the ledger's last changes at shutdown.
+LEDGER_DRAIN_TRIES = 5
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -151,7 +155,7 @@ class Runtime:
             clock=clock,
             activity=activity,
             catalog=catalog,
-            ledger=Ledger(store, price_book(settings, provider.name), provider=provider.name),
+            ledger=Ledger(store, price_book(settings, provider.name), provider=provider.name, writer=writer),
             metrics=metrics,
             writer=writer,
             new_id=new_id,
@@ -190,10 +194,11 @@ class Runtime:
         self._tasks.append(asyncio.create_task(self.lease.keep(self._lease_lost), name="controller lease"))
         catalog, store = self.catalog, self.store
         catalog.load_overrides(store.overrides())
-        store.upsert_models(
-            ModelRecord(id=s.id, gpus_per_replica=s.gpus_per_replica, priority=s.priority, kind=s.kind)
+        records = [
+            {"id": s.id, "gpus_per_replica": s.gpus_per_replica, "priority": s.priority, "kind": s.kind}
             for s in catalog.specs.values()
-        )
+        ]
+        await self.writer.run(store.upsert_models, records)  # off the loop: the lease keeps renewing
         await self._check_failsafe()
         await reconcile(self.controller, catalog, unknown=self.settings.reconcile_unknown)
         # Series that exist from the start: Prometheus' increase() ignores a series' first sample.
@@ -223,6 +228,15 @@ class Runtime:
         self.controller.abandon()  # stop acting at once; the new holder adopts the engines
         self.on_lease_lost()
 
+    async def _drain_ledger(self) -> None:
+        """The ledger's last writes (stops of the shutdown), retried a few times through
+        database errors before the writer closes."""
+        for _ in range(LEDGER_DRAIN_TRIES):
+            if await self.controller.ctx.ledger.drain():
+                return
+            await asyncio.sleep(1.0)
+        log.error("ledger: %d writes not written at shutdown", self.controller.ctx.ledger.pending)
+
     async def stop(self) -> None:
         """Each step runs whatever the one before it did: one failure skips nothing."""
         lease_task, loop_tasks = (self._tasks[0], self._tasks[1:]) if self._tasks else (None, [])
@@ -235,6 +249,7 @@ class Runtime:
             lease_task.cancel()
             await asyncio.gather(lease_task, return_exceptions=True)
         for step in (
+            self._drain_ledger,
             self.lease.release,
             self.controller.flush_activity,
             self.usage.flush,

@@ -4,16 +4,28 @@ The controller reports state changes; the reaper reports, once per tick, whether
 deployment served traffic (serving) or not (idle). Intervals are written only when the phase
 changes, never per request. A takeover closes the victim's interval and opens the new
 model's at the moment of the swap, on the same cluster and price.
+
+The ledger decides on the event loop (its view of open intervals is in memory) and never writes
+there: its writes go, in order, to the database writer's thread (`_Outbox`). A write that fails
+(the database is locked or down) stays first in line and is sent again at the next change or
+tick, so nothing is lost or reordered while the process lives; `drain()` waits for what is queued.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from datetime import datetime
+from typing import Any
 
 from state import DeploymentState, Store
 from state.store import IntervalChange
+from state.writer import Writer
 from tasks.provider import ClusterRef
+
+log = logging.getLogger(__name__)
 
 S = DeploymentState
 
@@ -45,11 +57,68 @@ class PriceBook:
         return (min(known) if known else self.default_gpu_hour) * gpus
 
 
+Write = tuple[Callable[..., None], tuple[Any, ...], dict[str, Any]]
+
+
+class _Outbox:
+    """Ledger writes, in order, through the writer: one batch in flight at a time; a batch's
+    writes that did not happen (a database error) go back to the front of the line."""
+
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+        self._queue: list[Write] = []
+        self._in_flight: asyncio.Future[None] | None = None
+
+    def put(self, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        self._queue.append((fn, args, kwargs))
+        self.send()
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def send(self) -> None:
+        if self._in_flight is not None or not self._queue:
+            return
+        batch, self._queue = self._queue, []
+        done: list[int] = [0]  # how many of the batch were written (set by the writer's thread)
+        future = asyncio.get_running_loop().create_future()
+        self._in_flight = future
+        job = self.writer.submit(_apply, batch, done)
+        job.add_done_callback(lambda f: future.get_loop().call_soon_threadsafe(self._sent, batch, done, f))
+
+    def _sent(self, batch: list[Write], done: list[int], job: Future[None]) -> None:
+        future, self._in_flight = self._in_flight, None
+        if job.exception() is not None:
+            self._queue[:0] = batch[done[0] :]  # retried first, at the next send
+        if future is not None and not future.done():
+            future.set_result(None)
+        if job.exception() is None:
+            self.send()
+
+    async def drain(self) -> bool:
+        """Send what is queued and wait for it; True if everything queued is written."""
+        self.send()
+        while self._in_flight is not None:
+            await asyncio.shield(self._in_flight)
+            if self._queue and self._in_flight is None:
+                return False  # a write failed: it waits for the next send
+        return not self._queue
+
+
+def _apply(batch: list[Write], done: list[int]) -> None:
+    """On the writer's thread: each write in turn; `done` counts those that happened."""
+    for fn, args, kwargs in batch:
+        fn(*args, **kwargs)
+        done[0] += 1
+
+
 class Ledger:
-    def __init__(self, store: Store, prices: PriceBook, *, provider: str) -> None:
+    def __init__(self, store: Store, prices: PriceBook, *, provider: str, writer: Writer) -> None:
         self.store = store
         self.prices = prices
         self.provider = provider
+        self._outbox = _Outbox(writer)
         self._phase: dict[str, str] = {}  # deployment id -> phase of its open interval
         self._price: dict[str, tuple[str | None, int, float]] = {}  # deployment id -> cluster, gpus, price
         self._start: dict[str, datetime] = {}  # deployment id -> start of its open interval
@@ -58,15 +127,21 @@ class Ledger:
     def held(self, deployment_id: str, *, cluster: str | None, gpus: int, hourly_price: float) -> None:
         """The deployment now holds this cluster (launch returned, or a takeover): re-price its open interval."""
         self._price[deployment_id] = (cluster, gpus, hourly_price)
-        self.store.update_open_interval(deployment_id, cluster=cluster, gpus=gpus, hourly_price=hourly_price)
+        self._outbox.put(
+            self.store.update_open_interval,
+            deployment_id,
+            cluster=cluster,
+            gpus=gpus,
+            hourly_price=hourly_price,
+        )
 
     def state(self, deployment_id: str, model: str, new: DeploymentState, at: datetime) -> None:
         if new is S.FAILED:
             relabel = None if deployment_id in self._was_ready else {"cold": "failed"}
-            self.store.close_interval(deployment_id, at=at, relabel=relabel)
+            self._outbox.put(self.store.close_interval, deployment_id, at=at, relabel=relabel)
             self._forget(deployment_id)
         elif new is S.STOPPED:
-            self.store.close_interval(deployment_id, at=at)
+            self._outbox.put(self.store.close_interval, deployment_id, at=at)
             self._forget(deployment_id)
         else:
             if new is S.READY:
@@ -88,12 +163,28 @@ class Ledger:
                 if change is not None:
                     changes.append(change)
         if changes:
-            self.store.change_intervals(changes)
+            self._outbox.put(self.store.change_intervals, changes)
+
+    def checked(self, at: datetime) -> None:
+        """Every open interval was still open at `at` (what a restart bills up to)."""
+        self._outbox.put(self.store.check_open_intervals, at)
 
     def discard(self, deployment_id: str) -> None:
         """Nothing was ever held (no capacity): the deployment costs nothing."""
-        self.store.delete_intervals(deployment_id)
+        self._outbox.put(self.store.delete_intervals, deployment_id)
         self._forget(deployment_id)
+
+    def flush(self) -> None:
+        """Send again what a database error held back (the control loop calls it every tick)."""
+        self._outbox.send()
+
+    async def drain(self) -> bool:
+        """Wait until the queued writes are written; False if one failed (it stays queued)."""
+        return await self._outbox.drain()
+
+    @property
+    def pending(self) -> int:
+        return self._outbox.pending
 
     def restart(
         self, deployment_id: str, phase: str, started: datetime, cluster: str | None, gpus: int, price: float
@@ -108,7 +199,7 @@ class Ledger:
     def _enter(self, deployment_id: str, model: str, phase: str, at: datetime) -> None:
         change = self._plan(deployment_id, model, phase, at)
         if change is not None:
-            self.store.change_intervals([change])
+            self._outbox.put(self.store.change_intervals, [change])
 
     def _plan(self, deployment_id: str, model: str, phase: str, at: datetime) -> IntervalChange | None:
         """Update the in-memory view and say what the store must do (None: nothing)."""

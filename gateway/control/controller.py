@@ -36,6 +36,8 @@ S = DeploymentState
 RETRY_AFTER_QUEUE_FULL = 5
 # Failsafe heartbeats in flight at once, gateway-wide.
 HEARTBEAT_CONCURRENCY = 8
+# Deployments a control-loop pass handles per turn of the event loop (about 0.1 ms of work).
+SLICE = 50
 
 
 class Waiter:
@@ -142,42 +144,49 @@ class Controller:
     def views(self) -> list[DeploymentView]:
         return [view for _, view in self._views()]
 
+    async def views_in_slices(self) -> list[DeploymentView]:
+        """`views()` for the control loop: the loop serves requests between slices of
+        deployments, so that 1,000 of them do not hold it for milliseconds."""
+        runners = [r for r in self._runners.values() if not r.done]
+        serving = self._serving()
+        out: list[DeploymentView] = []
+        for start in range(0, len(runners), SLICE):
+            out.extend(self._view(r, serving) for r in runners[start : start + SLICE] if not r.done)
+            await asyncio.sleep(0)
+        return out
+
     def _views(self) -> list[tuple[DeploymentRunner, DeploymentView]]:
-        out = []
+        serving = self._serving()
+        return [(r, self._view(r, serving)) for r in self._runners.values() if not r.done]
+
+    def _serving(self) -> dict[str, int]:
+        """Ready replicas taking requests, per model."""
         serving: dict[str, int] = {}
         for runner in self._runners.values():
             if runner.serving:
                 serving[runner.model] = serving.get(runner.model, 0) + 1
-        for runner in self._runners.values():
-            if runner.done:
-                continue
-            spec = self.ctx.catalog.resolve(runner.model) or runner.spec
-            # The model's last request (any replica), or this replica's readiness if later: a
-            # replica that comes up does not keep the others hot.
-            last = self.ctx.activity.last_request(runner.model)
-            base = runner.ready_at or self.ctx.clock()
-            ref = runner.ref
-            keep_hot = spec.keep_hot_seconds
-            out.append(
-                (
-                    runner,
-                    DeploymentView(
-                        deployment_id=runner.id,
-                        model=runner.model,
-                        state=runner.state,
-                        priority=spec.priority,
-                        keep_hot_seconds=keep_hot
-                        if keep_hot is not None
-                        else self.ctx.settings.keep_hot_seconds,
-                        last_used=max(last, base) if last else base,
-                        in_flight=self.ctx.activity.in_flight_of(runner.id),
-                        gpus=ref.gpus if ref else spec.gpus_per_replica,
-                        accelerators=tuple(ref.data.get("accelerators") or ()) if ref else (),
-                        replicas=serving.get(runner.model, 0),
-                    ),
-                )
-            )
-        return out
+        return serving
+
+    def _view(self, runner: DeploymentRunner, serving: Mapping[str, int]) -> DeploymentView:
+        spec = self.ctx.catalog.resolve(runner.model) or runner.spec
+        # The model's last request (any replica), or this replica's readiness if later: a
+        # replica that comes up does not keep the others hot.
+        last = self.ctx.activity.last_request(runner.model)
+        base = runner.ready_at or self.ctx.clock()
+        ref = runner.ref
+        keep_hot = spec.keep_hot_seconds
+        return DeploymentView(
+            deployment_id=runner.id,
+            model=runner.model,
+            state=runner.state,
+            priority=spec.priority,
+            keep_hot_seconds=keep_hot if keep_hot is not None else self.ctx.settings.keep_hot_seconds,
+            last_used=max(last, base) if last else base,
+            in_flight=self.ctx.activity.in_flight_of(runner.id),
+            gpus=ref.gpus if ref else spec.gpus_per_replica,
+            accelerators=tuple(ref.data.get("accelerators") or ()) if ref else (),
+            replicas=serving.get(runner.model, 0),
+        )
 
     def holdings(self) -> tuple[dict[str, int], int]:
         """Live deployments by state, and the GPUs they hold (for /admin/info and /metrics)."""
@@ -266,22 +275,7 @@ class Controller:
     ) -> DeploymentRunner:
         """A new deployment of `spec`: its first replica (a cold start), or with `scale_up` (the
         reason) one more next to those serving."""
-        dep_id = self.ctx.new_id()
-        self.ctx.store.create_deployment(
-            deployment_id=dep_id,
-            model=spec.id,
-            provider=self.ctx.provider.name,
-            gpus=spec.gpus_per_replica,
-            at=self.ctx.clock(),
-        )
-        self.ctx.store.record_event(
-            kind="launch",
-            model=spec.id,
-            deployment_id=dep_id,
-            message=f"{'replica requested: ' + scale_up if scale_up else 'cold start requested'} "
-            f"({spec.gpus_per_replica} GPU, priority {spec.priority})",
-            at=self.ctx.clock(),
-        )
+        dep_id = self.ctx.new_id()  # its runner writes the row first thing
         log.info("deployment %s of %s: created (pending)", dep_id, spec.id)
         runner = DeploymentRunner(
             self.ctx,
@@ -293,6 +287,7 @@ class Controller:
             # next to it are not waited for.
             previous=[r for r in self.runners(spec.id) if not r.serving],
             request_secrets=bool(secrets),
+            why=f"replica requested: {scale_up}" if scale_up else "cold start requested",
         )
         self._runners[dep_id] = runner
         return runner
@@ -381,14 +376,15 @@ class Controller:
     async def take_over(self, runner: DeploymentRunner, exc: CapacityError) -> ClusterRef:
         return await self._takeover.take_over(runner, exc, self._views())
 
-    def runner_done(self, runner: DeploymentRunner, failure: str | None) -> None:
+    def remember_failure(self, runner: DeploymentRunner, error: str) -> None:
+        self.failures[runner.model] = Failure(
+            model=runner.model, error=error, at=self.ctx.clock(), deployment_id=runner.id
+        )
+
+    def runner_done(self, runner: DeploymentRunner) -> None:
         if self._runners.get(runner.id) is runner:
             del self._runners[runner.id]
         self.ctx.activity.forget(runner.id)
-        if failure is not None:
-            self.failures[runner.model] = Failure(
-                model=runner.model, error=failure, at=self.ctx.clock(), deployment_id=runner.id
-            )
 
     def heartbeat_slot(self) -> asyncio.Semaphore:
         if self._heartbeat_slots is None:
@@ -428,9 +424,12 @@ class Controller:
             runner.check_engine(reason)
 
     async def settle(self) -> None:
-        """Wait until every deployment asked to stop has stopped (for the reaper and tests)."""
-        while stopping := [r.task for r in self._runners.values() if r.stop_request is not None]:
-            await asyncio.wait(stopping)
+        """Wait until every deployment asked to stop, or ending, has ended, and what they
+        wrote is in the store (for the reaper, shutdown and tests)."""
+        while ending := [r.task for r in self._runners.values() if r.stop_request is not None or r.done]:
+            await asyncio.wait(ending)
+        await self.ctx.ledger.drain()
+        await self.ctx.writer.barrier()
 
     async def shutdown(self) -> None:
         """Stop every deployment this process owns (drained), then anything else the provider
@@ -536,27 +535,32 @@ class Controller:
 
     # -- periodic bookkeeping (the reaper) ---------------------------------------------------
 
-    def record_activity(self, since: datetime, now: datetime) -> None:
-        """Tell the ledger which ready deployments served traffic since the previous tick."""
+    async def record_activity(self, since: datetime, now: datetime) -> None:
+        """Tell the ledger which ready deployments served traffic since the previous tick (in
+        slices of deployments, the loop serving requests in between)."""
         activity = self.ctx.activity
         windows = []
-        for runner in self._runners.values():
-            if runner.state is S.READY and not runner.done:
-                last = activity.last_request_of(runner.id)  # per replica: an unused one is idle
-                served = activity.in_flight_of(runner.id) > 0 or (last is not None and last > since)
-                windows.append((runner.id, runner.model, served))
+        runners = list(self._runners.values())
+        for start in range(0, len(runners), SLICE):
+            for runner in runners[start : start + SLICE]:
+                if runner.state is S.READY and not runner.done:
+                    last = activity.last_request_of(runner.id)  # per replica: an unused one is idle
+                    served = activity.in_flight_of(runner.id) > 0 or (last is not None and last > since)
+                    windows.append((runner.id, runner.model, served))
+            await asyncio.sleep(0)
         self.ctx.ledger.activity(windows, since=since)
-        self.ctx.store.check_open_intervals(now)
+        self.ctx.ledger.checked(now)
 
-    def heartbeat_due(self, now: datetime) -> None:
+    def heartbeat_due(self, now: datetime, views: list[DeploymentView]) -> None:
         """Re-arm the failsafe of every engine held, at the provider's interval (in the
         background: this returns at once)."""
         interval = self.ctx.provider.heartbeat_interval_seconds
         if interval is None:
             return
         beats = {r.id: r.last_beat for r in self._runners.values() if r.last_beat is not None}
-        for dep_id in heartbeats_due(self.views(), beats, now, interval):
-            self._runners[dep_id].heartbeat(now)
+        for dep_id in heartbeats_due(views, beats, now, interval):
+            if (runner := self._runners.get(dep_id)) is not None and not runner.done:
+                runner.heartbeat(now)
 
     async def flush_activity(self) -> None:
         """Write the last-used times gathered in memory since the previous flush: the snapshot

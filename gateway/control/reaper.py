@@ -56,7 +56,7 @@ class Reaper:
         if not self.controller.ctx.acting():  # e.g. just after a stall, before the lease is renewed
             return []
         since, self.last_tick = self.last_tick, now
-        views = self.controller.views()
+        views = await self.controller.views_in_slices()
         applied = []
         after_hours = after_hours_stops(views, self.after_hours, since, now)
         if after_hours:
@@ -77,10 +77,11 @@ class Reaper:
             self._spawn(self._prewarm(model))
         if self.export is not None and cron_fired(self.export.cron, "UTC", since, now):
             self._spawn(self._export(now))
-        self.controller.record_activity(since, now)
+        await self.controller.record_activity(since, now)
         self.controller.expire_failures(now)
-        self.controller.heartbeat_due(now)
+        self.controller.heartbeat_due(now, views)
         await self.controller.flush_activity()
+        await self.controller.ctx.ledger.drain()
         return applied
 
     async def _prewarm(self, model: str) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -70,7 +70,9 @@ class RunnerOwner(Protocol):
 
     async def take_over(self, runner: DeploymentRunner, exc: CapacityError) -> ClusterRef: ...
 
-    def runner_done(self, runner: DeploymentRunner, failure: str | None) -> None: ...
+    def remember_failure(self, runner: DeploymentRunner, error: str) -> None: ...
+
+    def runner_done(self, runner: DeploymentRunner) -> None: ...
 
     def heartbeat_slot(self) -> asyncio.Semaphore: ...
 
@@ -110,6 +112,7 @@ class DeploymentRunner:
         adoption: Adoption | None = None,
         previous: Sequence[DeploymentRunner] = (),
         request_secrets: bool = False,
+        why: str = "cold start requested",
     ) -> None:
         self.ctx = ctx
         self.owner = owner
@@ -130,6 +133,7 @@ class DeploymentRunner:
         # Started with a client's own Hugging Face token: its failure says nothing about everyone
         # else's requests, so it is not remembered against them.
         self.request_secrets = request_secrets
+        self._why = why  # the launch event's reason: a cold start, or a replica for more load
         self._adoption = adoption
         self._previous = [r for r in previous if not r.task.done()]
         self._waiting_previous = False
@@ -139,9 +143,12 @@ class DeploymentRunner:
         self._children: set[asyncio.Task[None]] = set()
         self._checking = False
         self._beating = False
+        self._created = adoption is not None  # the row exists (a new one is written by run())
+        self._moving: asyncio.Future[None] | None = None  # a state change sent to the writer
+        self._moved_at: dict[DeploymentState, datetime] = {}
         self.last_beat: datetime | None = None  # the failsafe's last re-arm; None: due at once
         if adoption is not None and adoption.endpoint is not None:
-            self._became_ready(adoption.endpoint)  # serves from this moment, not from the task's first step
+            self._adopted_ready(adoption.endpoint)  # serves from this moment, not from the task's first step
         self.task = asyncio.create_task(self.run(), name=f"deployment {deployment_id} ({spec.id})")
 
     # -- what others may ask ----------------------------------------------------------------
@@ -205,7 +212,9 @@ class DeploymentRunner:
         `ref`, and its `finally` stops it if the deployment never becomes ready. The store says
         so at once, so a gateway that dies here leaves the cluster to this deployment's row."""
         self.ref = ref
-        self.ctx.store.update_deployment(self.id, cluster=ref.name, handle=ref_json(ref))
+        self.ctx.writer.submit(
+            self.ctx.store.update_deployment, self.id, cluster=ref.name, handle=ref_json(ref)
+        )
 
     def check_engine(self, reason: str) -> None:
         """The proxy could not talk to the engine: probe it, and stop as failed if it is gone."""
@@ -223,6 +232,7 @@ class DeploymentRunner:
     async def run(self) -> None:
         exit_: _Exit | None = None
         try:
+            await self._create()
             await self._start()
             await self._serve()
         except _Exit as exc:
@@ -237,6 +247,25 @@ class DeploymentRunner:
             )
         finally:
             await self._release(exit_)
+
+    async def _create(self) -> None:
+        """The deployment's row (pending), written before anything else of it."""
+        if self._created:
+            return
+        gpus, priority = self.spec.gpus_per_replica, self.spec.priority
+        try:
+            await self.ctx.writer.run(
+                self.ctx.store.create_deployment,
+                deployment_id=self.id,
+                model=self.model,
+                provider=self.ctx.provider.name,
+                gpus=gpus,
+                at=self.started_at,
+            )
+        except Exception as exc:
+            raise self._start_failed(exc) from exc
+        self._created = True
+        self._event("launch", f"{self._why} ({gpus} GPU, priority {priority})")
 
     async def _start(self) -> None:
         if self.stop_request is not None:  # asked to stop before it began (reconcile)
@@ -264,19 +293,22 @@ class DeploymentRunner:
         try:
             if self._adoption is None:
                 self.hold(None)  # priced from the settings until the provider says more
-                self._move(S.LAUNCHING)
+                await self._move(S.LAUNCHING)
                 self.ref = await self._launch()
                 self.last_beat = self.ctx.clock()  # the launch armed the failsafe
                 self.hold(self.ref)
-                self.ctx.store.update_deployment(self.id, cluster=self.ref.name, handle=ref_json(self.ref))
-                self._move(S.LOADING)
+                ref = self.ref
+                self.ctx.writer.submit(
+                    self.ctx.store.update_deployment, self.id, cluster=ref.name, handle=ref_json(ref)
+                )
+                await self._move(S.LOADING)
             assert self.ref is not None
             endpoint = await self.ctx.provider.wait_ready(self.ref)
         except CapacityError as exc:
             raise self._no_capacity(exc) from exc
         except Exception as exc:  # ProviderError, or anything a provider let through
             raise self._start_failed(exc) from exc
-        self._became_ready(endpoint)
+        await self._became_ready(endpoint)
 
     async def _launch(self) -> ClusterRef:
         try:
@@ -293,15 +325,29 @@ class DeploymentRunner:
             await asyncio.wait(pending)
             self._waiting_previous = False
 
-    def _became_ready(self, endpoint: Endpoint) -> None:
+    async def _became_ready(self, endpoint: Endpoint) -> None:
+        for step in (S.LAUNCHING, S.LOADING):  # an adopted one walks up from where it was
+            if step in ALLOWED[self.state]:
+                await self._move(step)
+        if self.state is not S.READY:
+            await self._move(S.READY, endpoint=endpoint.base_url)
+        self._serve_from(endpoint)
+
+    def _adopted_ready(self, endpoint: Endpoint) -> None:
+        """An adopted healthy engine (at startup, from the constructor): its row is moved to
+        ready at once, so that it serves before its task's first step."""
+        for step in (S.LAUNCHING, S.LOADING, S.READY):
+            if step in ALLOWED[self.state]:
+                at = self.ctx.clock()
+                fields = {"endpoint": endpoint.base_url} if step is S.READY else {}
+                moved = self.ctx.store.transition(self.id, expected=self.state, new=step, at=at, **fields)
+                self._moved(step, at, moved)
+        self._serve_from(endpoint)
+
+    def _serve_from(self, endpoint: Endpoint) -> None:
         now = self.ctx.clock()
         self.endpoint = endpoint
         self.ready_at = now
-        for step in (S.LAUNCHING, S.LOADING):  # an adopted one walks up from where it was
-            if step in ALLOWED[self.state]:
-                self._move(step)
-        if self.state is not S.READY:
-            self._move(S.READY, endpoint=endpoint.base_url)
         self._observe_cold_start()
         self.ctx.activity.touch(self.model, now)
         elapsed = (now - self.started_at).total_seconds()
@@ -316,13 +362,13 @@ class DeploymentRunner:
             if self._handover is not None and await self._give_away(self._handover):
                 return
         if self.stop_request.drain and self.ctx.activity.in_flight_of(self.id) > 0:
-            self._move(S.DRAINING)
+            await self._move(S.DRAINING)
             await self.ctx.activity.wait_idle(self.id, self.ctx.settings.drain_seconds)
 
     async def _give_away(self, handover: _HandOver) -> bool:
         """Drain, then hand the cluster to the requester if it still wants it; True if handed."""
         requester = handover.requester
-        self._move(S.DRAINING)
+        await self._move(S.DRAINING)
         self._event("evicted", f"evicted by {requester.model} (priority {requester.spec.priority})")
         await self.ctx.activity.wait_idle(self.id, self.ctx.settings.drain_seconds)
         if handover.future.done() or requester.done or requester.stop_request is not None:
@@ -342,12 +388,19 @@ class DeploymentRunner:
         ledger closed, event written, runner forgotten."""
         self.done = True
         self._cancel_children()
+        remember = exit_ is not None and exit_.remember and not self.fenced
+        if remember and exit_ is not None:  # before the waiters hear of it: they may ask why
+            self.owner.remember_failure(self, exit_.error)
         if not self.ready.done():
             self.ready.set_exception(exit_.client if exit_ else self._cut_short().client)
         if self._handover is not None and not self._handover.future.done():
             self._handover.future.set_exception(CapacityError(f"{self.model} stopped before handing over"))
+        if self._moving is not None and not self._moving.done():
+            await asyncio.wait({self._moving})  # sent before a cancellation: it lands first
         try:
-            if self.fenced:
+            if not self._created:
+                log.warning("deployment %s of %s: never written (%s)", self.id, self.model, exit_)
+            elif self.fenced:
                 log.warning("deployment %s of %s: abandoned (lease lost)", self.id, self.model)
             elif self.handed_over_to is not None:
                 await self._record(S.STOPPING)
@@ -356,8 +409,7 @@ class DeploymentRunner:
             else:
                 await self._stop_and_close(exit_)
         finally:
-            remember = exit_ is not None and exit_.remember and not self.fenced
-            self.owner.runner_done(self, exit_.error if remember and exit_ else None)
+            self.owner.runner_done(self)
 
     async def _stop_and_close(self, exit_: _Exit | None) -> None:
         if self.stop_request is not None and self.stop_request.kind == "engine-failed":
@@ -528,14 +580,25 @@ class DeploymentRunner:
         self.hold(ref)
         self.ctx.ledger.state(self.id, self.model, S.LAUNCHING, self.ctx.clock())
 
-    def _move(self, new: DeploymentState, **fields: Any) -> None:
-        """Store (compare-and-swap), memory, then ledger; a ledger write that fails after the
-        store's leaves the state moved (`_record` completes it)."""
+    async def _move(self, new: DeploymentState, **fields: Any) -> None:
+        """Store (compare-and-swap, on the writer's thread), memory, then ledger (which queues
+        its writes: it never fails here). Once sent, a move completes even if the runner is
+        cancelled meanwhile: memory must follow the row."""
+        old, at = self.state, self.ctx.clock()
+        sent = self.ctx.writer.run(self.ctx.store.transition, self.id, expected=old, new=new, at=at, **fields)
+        move = self._moving = asyncio.ensure_future(self._landed(sent, new, at))
+        move.add_done_callback(_retrieve)
+        await asyncio.shield(move)
+
+    async def _landed(self, sent: Awaitable[bool], new: DeploymentState, at: datetime) -> None:
+        self._moved(new, at, await sent)
+
+    def _moved(self, new: DeploymentState, at: datetime, moved: bool) -> None:
         old = self.state
-        at = self.ctx.clock()
-        if not self.ctx.store.transition(self.id, expected=old, new=new, at=at, **fields):
+        if not moved:
             raise ProviderError(f"deployment {self.id} is no longer {old}")
         self.state = new
+        self._moved_at[new] = at
         log.info("deployment %s of %s: %s -> %s", self.id, self.model, old, new)
         self.ctx.ledger.state(self.id, self.model, new, at)
 
@@ -543,13 +606,9 @@ class DeploymentRunner:
         """`_move` on the way out, retried through database errors: the end of a deployment
         must reach the store. False if given up (lease lost, or the gateway stopping)."""
         tries = 0
-        while True:
+        while self.state is not new:
             try:
-                if self.state is not new:
-                    self._move(new, **fields)
-                else:  # moved, but the ledger write failed: the ledger's changes are idempotent
-                    self.ctx.ledger.state(self.id, self.model, new, self.ctx.clock())
-                return True
+                await self._move(new, **fields)
             except Exception as exc:
                 tries += 1
                 log.warning(
@@ -558,26 +617,34 @@ class DeploymentRunner:
                 if self.fenced or (self.owner.closing and tries >= STOP_TRIES_AT_SHUTDOWN):
                     return False
                 await asyncio.sleep(min(2.0**tries, STOP_RETRY_MAX_SECONDS))
+        return True
 
     def _event(self, kind: str, message: str) -> None:
-        """Events say why; one lost to a database error must not change what happens."""
+        """Events say why; one lost to a database error must not change what happens (the
+        writer logs it)."""
         try:
-            self.ctx.store.record_event(
-                kind=kind, model=self.model, deployment_id=self.id, message=message, at=self.ctx.clock()
+            self.ctx.writer.submit(
+                self.ctx.store.record_event,
+                kind=kind,
+                model=self.model,
+                deployment_id=self.id,
+                message=message,
+                at=self.ctx.clock(),
             )
-        except Exception as exc:
+        except Exception as exc:  # the writer is closed (the gateway is stopping)
             log.error("deployment %s of %s: event %s not recorded: %s", self.id, self.model, kind, exc)
 
     def _observe_cold_start(self) -> None:
         if self._adoption is not None:
             return
-        dep = self.ctx.store.get_deployment(self.id)
-        if dep is None or not (dep.launching_at and dep.loading_at and dep.ready_at):
+        moved = self._moved_at
+        launching, loading, ready = moved.get(S.LAUNCHING), moved.get(S.LOADING), moved.get(S.READY)
+        if not (launching and loading and ready):
             return
         for phase, seconds in (
-            ("launching", (dep.loading_at - dep.launching_at).total_seconds()),
-            ("loading", (dep.ready_at - dep.loading_at).total_seconds()),
-            ("total", (dep.ready_at - (dep.pending_at or dep.launching_at)).total_seconds()),
+            ("launching", (loading - launching).total_seconds()),
+            ("loading", (ready - loading).total_seconds()),
+            ("total", (ready - self.started_at).total_seconds()),
         ):
             self.ctx.metrics.cold_start.labels(model=self.model, phase=phase).observe(seconds)
 

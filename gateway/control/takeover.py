@@ -57,7 +57,8 @@ class Takeover:
         swapped = await self.ctx.provider.swap(ref, requester.launch_spec)
         requester.receive_cluster(swapped)
         requester.hold(swapped)  # the swapped ref's price
-        self.ctx.store.record_event(
+        self.ctx.writer.submit(
+            self.ctx.store.record_event,
             kind="takeover",
             model=spec.id,
             deployment_id=requester.id,

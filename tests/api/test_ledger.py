@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
+
+from fastapi import FastAPI
 
 from gateway.control.fleet import ref_json
 from state import CostInterval, DeploymentState, Store
@@ -26,6 +29,17 @@ def phases(store: Store, model: str) -> list[tuple[str, float, bool]]:
             end = i.ended_at
             out.append((i.phase, (end - i.started_at).total_seconds() if end else -1.0, end is None))
     return out
+
+
+async def ended(app: FastAPI, model: str) -> None:
+    """Wait until the model's runners have finished and the ledger's queued writes are written."""
+    controller = app.state.controller
+    for _ in range(500):
+        if not controller.runners(model):
+            break
+        await asyncio.sleep(0.01)
+    assert not controller.runners(model), "the runner did not finish"
+    assert await controller.ctx.ledger.drain()
 
 
 def body(model: str) -> dict:
@@ -84,9 +98,11 @@ async def test_failed_launch_is_failed_time_and_no_capacity_is_free(tmp_path: Pa
     settings = make_settings(tmp_path, MODELS, costs=PRICES)
     async with running_gateway(settings, provider, clock) as (app, client):
         assert (await client.post("/v1/chat/completions", json=CHAT_BODY)).status_code == 502
+        await ended(app, "org/chat")
         assert phases(app.state.store, "org/chat") == [("failed", 30.0, False)]
         provider.ready_error, provider.capacity_gpus = None, 0
         assert (await client.post("/v1/chat/completions", json=body("low"))).status_code == 503
+        await ended(app, "low")
         assert phases(app.state.store, "low") == []
         rows = (await client.get("/admin/costs", headers=AUTH)).json()
         assert rows == [
@@ -113,6 +129,7 @@ async def test_takeover_hands_the_interval_over_at_the_swap(tmp_path: Path, stub
         swap_at = clock.advance(300)
         provider.launch_seconds = 0  # the capacity failure itself takes no time
         await client.post("/v1/chat/completions", json=body("high"))
+        await app.state.controller.settle()  # the ledger's writes are queued to the writer
         store = app.state.store
         low = [i for i in store.intervals() if i.model == "low"]
         high = [i for i in store.intervals() if i.model == "high"]

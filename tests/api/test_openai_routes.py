@@ -117,6 +117,7 @@ async def test_launch_failure_reaches_every_waiter_and_is_recorded(tmp_path: Pat
         for r in responses:
             assert_envelope(r, 502, "engine_start_failed")
         assert len(provider.launches) == 1
+        await app.state.controller.settle()  # the runner ends after answering its waiters
         events = app.state.store.events(model="org/chat", kind="launch-failed")
         assert len(events) == 1 and "boom" in events[0].message
         [dep] = app.state.store.deployments(model="org/chat")
@@ -138,6 +139,7 @@ async def test_cold_start_timeout_stops_engine_and_answers_503(tmp_path: Path, s
         response = await client.post("/v1/chat/completions", json=CHAT)
         assert_envelope(response, 503, "cold_start_timeout")
         assert "retry-after" in response.headers
+        await app.state.controller.settle()  # the runner ends after answering its waiters
         assert [ref.deployment_id for ref in provider.stops] == [provider.launches[0].deployment_id]
         assert not provider.running
         [dep] = app.state.store.deployments(model="org/chat")
