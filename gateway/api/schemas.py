@@ -39,6 +39,14 @@ class Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ReplicaOut(Out):
+    deployment_id: str = Field(examples=["3f2a9c1b7e4d"])
+    state: str = Field(examples=["ready"])
+    endpoint: str | None = Field(examples=["http://10.0.0.5:8000"])
+    in_flight: int = Field(examples=[2])
+    requests: int = Field(description="Requests sent to this replica by this gateway.", examples=[120])
+
+
 class ModelStatus(Out):
     id: str = Field(examples=[MODEL_ID])
     state: str = Field(description="`stopped`, `pending` ... `ready`, or `external`.", examples=["ready"])
@@ -54,6 +62,9 @@ class ModelStatus(Out):
     endpoint: str | None = Field(examples=["http://10.0.0.5:8000"])
     last_used_at: Time | None = Field(examples=[AT])
     failure: str | None = Field(description="Why its last start failed, while remembered.", examples=[None])
+    replicas_min: int = Field(description="Replicas kept while the model is hot.", examples=[0])
+    replicas_max: int = Field(description="Replicas it may scale up to under load.", examples=[1])
+    replicas: list[ReplicaOut] = Field(description="Its live deployments, oldest first.", examples=[[]])
 
 
 class ModelUpdate(BaseModel):
@@ -187,6 +198,18 @@ def model_status(spec: ModelSpec, catalog: Catalog, controller: Controller) -> M
         endpoint=route.base_url if route else spec.endpoint,
         last_used_at=controller.activity.last_used(spec.id),
         failure=failure.error if failure else None,
+        replicas_min=spec.replicas.min,
+        replicas_max=spec.replicas.max,
+        replicas=[
+            ReplicaOut(
+                deployment_id=r.id,
+                state=r.state.value,
+                endpoint=r.endpoint.base_url if r.endpoint else None,
+                in_flight=controller.activity.in_flight_of(r.id),
+                requests=controller.activity.served_by(r.id),
+            )
+            for r in controller.runners(spec.id)
+        ],
     )
 
 

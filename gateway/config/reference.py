@@ -13,7 +13,15 @@ import shlex
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # What a model id may look like: `name` or `org/name`, no spaces, no `..`, no shell characters.
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
@@ -25,6 +33,30 @@ def valid_model_id(model_id: str) -> bool:
 
 def _split_args(value: object) -> object:
     return shlex.split(value) if isinstance(value, str) else value
+
+
+class Replicas(BaseModel):
+    """How many engines a model runs at once. `max` bounds the scale-up under load; `min` is the
+    floor kept while the model is hot (between its first request and its keep-hot expiry): the
+    controller brings a hot model up to `min` replicas and scale-down never goes below it. A
+    model with no traffic for its keep-hot time is stopped entirely, `min` included (unless it
+    is pinned by priority); `min` 0 and 1 therefore behave alike. Default: today's one engine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: int = Field(0, ge=0, le=64)
+    max: int = Field(1, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Replicas:
+        if self.min > self.max:
+            raise ValueError(f"replicas.min ({self.min}) must not exceed replicas.max ({self.max})")
+        return self
+
+    @property
+    def floor(self) -> int:
+        """Ready replicas a hot model keeps (at least the one serving it)."""
+        return max(self.min, 1)
 
 
 class ModelSpec(BaseModel):
@@ -45,6 +77,13 @@ class ModelSpec(BaseModel):
     weights_uri: str | None = Field(None, pattern=r"^(s3|gs)://[^/\s]+(/\S*)?$")
     max_model_len: int | None = Field(None, ge=1)
     endpoint: str | None = None
+    replicas: Replicas = Replicas()
+    # Scale-up when (in flight + waiting) per ready replica stays above this; scale-down when
+    # the replicas left after removing one would stay at or below it.
+    target_in_flight_per_replica: float = Field(8.0, gt=0)
+    # How long the load must stay above / below the target; None: the settings' value.
+    scale_up_seconds: float | None = Field(None, ge=0)
+    scale_down_seconds: float | None = Field(None, ge=0)
 
     @field_validator("id")
     @classmethod

@@ -228,6 +228,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     upstream_timeout_seconds: float = Field(600.0, gt=0, description="Engine read timeout.")
     reaper_interval_seconds: float = Field(2.0, gt=0)
+    scale_up_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="A model with replicas.max > 1 gets one more replica when its load per ready replica "
+        "stays above target_in_flight_per_replica this long (the reference file may set its own).",
+    )
+    scale_down_seconds: float = Field(
+        120.0,
+        ge=0,
+        description="One replica is removed when the load stays low enough for one fewer this long.",
+    )
     controller_lease_seconds: float = Field(
         15.0,
         gt=0,

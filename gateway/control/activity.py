@@ -25,6 +25,9 @@ class Activity:
         self._dirty: set[str] = set()
         self._idle: dict[str, asyncio.Event] = {}  # deployment id -> set when its count drops to 0
         self._last_request: dict[str, datetime] = {}  # like last_used, without touches
+        # Per deployment (replica): requests sent to it, and the last begin or end of one.
+        self._served: defaultdict[str, int] = defaultdict(int)
+        self._last_request_of: dict[str, datetime] = {}
 
     @contextmanager
     def track(self, model: str, deployment_id: str | None, clock: Clock) -> Iterator[None]:
@@ -39,6 +42,8 @@ class Activity:
         self._in_flight[model] += 1
         if deployment_id is not None:
             self._by_deployment[deployment_id] += 1
+            self._served[deployment_id] += 1
+            self._last_request_of[deployment_id] = now
         self._last_used[model] = self._last_request[model] = now
         self._dirty.add(model)
 
@@ -47,6 +52,7 @@ class Activity:
         if self._in_flight[model] == 0:
             del self._in_flight[model]
         if deployment_id is not None:
+            self._last_request_of[deployment_id] = now
             self._by_deployment[deployment_id] -= 1
             if self._by_deployment[deployment_id] == 0:
                 del self._by_deployment[deployment_id]
@@ -78,6 +84,18 @@ class Activity:
 
     def last_request(self, model: str) -> datetime | None:
         return self._last_request.get(model)
+
+    def served_by(self, deployment_id: str) -> int:
+        """Requests sent to a deployment so far (by this process)."""
+        return self._served.get(deployment_id, 0)
+
+    def last_request_of(self, deployment_id: str) -> datetime | None:
+        return self._last_request_of.get(deployment_id)
+
+    def forget(self, deployment_id: str) -> None:
+        """A deployment that ended: its per-deployment counts go (in-flight ones stay until they end)."""
+        self._served.pop(deployment_id, None)
+        self._last_request_of.pop(deployment_id, None)
 
     def last_used(self, model: str) -> datetime | None:
         return self._last_used.get(model)

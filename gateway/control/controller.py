@@ -4,8 +4,9 @@ It admits requests for a model that is not ready (single-flight: the first start
 the others wait for the same one; the number waiting per model is bounded), routes requests to
 ready deployments, and passes stop requests on. Everything a deployment does — launch, takeover,
 drain, stop, the store, ledger and events — is done by its own runner (`runner.py`). A model
-owns a set of deployments; today's policy keeps at most one starting one and routes to the ready
-one with the fewest requests in flight.
+owns a set of deployments (its replicas): at most one of them starting at a time, requests routed
+to the ready one with the fewest in flight, and the replica count set by `autoscale` (the pure
+policy of `scaling.py`, run at each control loop tick).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from gateway.control.context import ControlContext
 from gateway.control.fleet import Failure, Route, ref_json
 from gateway.control.policies import DeploymentView, expired_failures, heartbeats_due
 from gateway.control.runner import Adoption, DeploymentRunner, StopRequest
+from gateway.control.scaling import Autoscaler, ModelLoad, ReplicaLoad, ScaleAction, scale_down_choice
 from gateway.control.takeover import Takeover
 from state import Deployment, DeploymentState, Store
 from tasks.provider import CapacityError, ClusterRef, Endpoint, LaunchSpec, Provider
@@ -74,6 +76,7 @@ class Controller:
         self._runners: dict[str, DeploymentRunner] = {}  # by deployment id, oldest first
         self._waiting: dict[str, int] = {}
         self._takeover = Takeover(ctx)
+        self._autoscaler = Autoscaler()
         self._heartbeat_slots: asyncio.Semaphore | None = None
 
     # Shortcuts used by the API, the reaper and reconcile.
@@ -146,18 +149,30 @@ class Controller:
         """`views()` for the control loop: the loop serves requests between slices of
         deployments, so that 1,000 of them do not hold it for milliseconds."""
         runners = [r for r in self._runners.values() if not r.done]
+        serving = self._serving()
         out: list[DeploymentView] = []
         for start in range(0, len(runners), SLICE):
-            out.extend(self._view(r) for r in runners[start : start + SLICE] if not r.done)
+            out.extend(self._view(r, serving) for r in runners[start : start + SLICE] if not r.done)
             await asyncio.sleep(0)
         return out
 
     def _views(self) -> list[tuple[DeploymentRunner, DeploymentView]]:
-        return [(runner, self._view(runner)) for runner in self._runners.values() if not runner.done]
+        serving = self._serving()
+        return [(r, self._view(r, serving)) for r in self._runners.values() if not r.done]
 
-    def _view(self, runner: DeploymentRunner) -> DeploymentView:
+    def _serving(self) -> dict[str, int]:
+        """Ready replicas taking requests, per model."""
+        serving: dict[str, int] = {}
+        for runner in self._runners.values():
+            if runner.serving:
+                serving[runner.model] = serving.get(runner.model, 0) + 1
+        return serving
+
+    def _view(self, runner: DeploymentRunner, serving: Mapping[str, int]) -> DeploymentView:
         spec = self.ctx.catalog.resolve(runner.model) or runner.spec
-        last = self.ctx.activity.last_used(runner.model)
+        # The model's last request (any replica), or this replica's readiness if later: a
+        # replica that comes up does not keep the others hot.
+        last = self.ctx.activity.last_request(runner.model)
         base = runner.ready_at or self.ctx.clock()
         ref = runner.ref
         keep_hot = spec.keep_hot_seconds
@@ -171,6 +186,7 @@ class Controller:
             in_flight=self.ctx.activity.in_flight_of(runner.id),
             gpus=ref.gpus if ref else spec.gpus_per_replica,
             accelerators=tuple(ref.data.get("accelerators") or ()) if ref else (),
+            replicas=serving.get(runner.model, 0),
         )
 
     def holdings(self) -> tuple[dict[str, int], int]:
@@ -262,7 +278,11 @@ class Controller:
         else:
             self._waiting.pop(model, None)
 
-    def _start(self, spec: ModelSpec, secrets: dict[str, str], started_by: str | None) -> DeploymentRunner:
+    def _start(
+        self, spec: ModelSpec, secrets: dict[str, str], started_by: str | None, scale_up: str | None = None
+    ) -> DeploymentRunner:
+        """A new deployment of `spec`: its first replica (a cold start), or with `scale_up` (the
+        reason) one more next to those serving."""
         dep_id = self.ctx.new_id()  # its runner writes the row first thing
         log.info("deployment %s of %s: created (pending)", dep_id, spec.id)
         runner = DeploymentRunner(
@@ -271,9 +291,12 @@ class Controller:
             spec,
             deployment_id=dep_id,
             launch_spec=self._launch_spec(spec, dep_id, secrets),
-            previous=self.runners(spec.id),
+            # Engines of the model on their way out release their GPUs first; replicas serving
+            # next to it are not waited for.
+            previous=[r for r in self.runners(spec.id) if not r.serving],
             request_secrets=bool(secrets),
             started_by=started_by,
+            why=f"replica requested: {scale_up}" if scale_up else "cold start requested",
         )
         self._runners[dep_id] = runner
         return runner
@@ -308,6 +331,57 @@ class Controller:
             return f"{store.rstrip('/')}/{spec.id}"
         return None
 
+    # -- replicas ---------------------------------------------------------------------------
+
+    def autoscale(self, now: datetime) -> list[ScaleAction]:
+        """One round of the replica policy (`scaling.py`) for models that may run more than
+        one replica: start one more, or drain and stop the replica with the fewest in flight."""
+        actions = self._autoscaler.decide(self._loads(), now)
+        for action in actions:
+            spec = self.ctx.catalog.resolve(action.model)
+            if action.direction == "up" and spec is not None and not spec.external and not self.closing:
+                log.info("%s: scale up (%s)", action.model, action.reason)
+                self._start(spec, {}, None, scale_up=action.reason)  # a load, no one key
+            elif action.direction == "down":
+                self._scale_down(action)
+        return actions
+
+    def _loads(self) -> list[ModelLoad]:
+        loads = []
+        by_model: dict[str, list[DeploymentRunner]] = {}
+        for runner in self._runners.values():  # once: 1,000 deployments make 1,000 models
+            by_model.setdefault(runner.model, []).append(runner)
+        for model, runners in sorted(by_model.items()):
+            spec = self.ctx.catalog.resolve(model) or runners[0].spec
+            ready = sum(r.serving for r in runners)
+            if spec.replicas.max <= 1 and ready <= 1:
+                continue  # one engine: the autoscaler has nothing to decide
+            up, down = spec.scale_up_seconds, spec.scale_down_seconds
+            loads.append(
+                ModelLoad(
+                    model=model,
+                    ready=ready,
+                    starting=sum(r.starting for r in runners),
+                    load=self.ctx.activity.in_flight(model) + self.waiting(model),
+                    min_replicas=spec.replicas.min,
+                    max_replicas=spec.replicas.max,
+                    target=spec.target_in_flight_per_replica,
+                    up_seconds=up if up is not None else self.ctx.settings.scale_up_seconds,
+                    down_seconds=down if down is not None else self.ctx.settings.scale_down_seconds,
+                )
+            )
+        return loads
+
+    def _scale_down(self, action: ScaleAction) -> None:
+        serving = {r.id: r for r in self.runners(action.model) if r.serving}
+        choice = scale_down_choice(
+            ReplicaLoad(r.id, self.ctx.activity.in_flight_of(r.id), r.ready_at or r.started_at)
+            for r in serving.values()
+        )
+        if choice is not None:
+            log.info("%s: scale down %s (%s)", action.model, choice, action.reason)
+            serving[choice].request_stop(StopRequest("scale-down", action.reason, drain=True))
+
     # -- what runners ask of their owner ----------------------------------------------------
 
     async def take_over(self, runner: DeploymentRunner, exc: CapacityError) -> ClusterRef:
@@ -321,6 +395,7 @@ class Controller:
     def runner_done(self, runner: DeploymentRunner) -> None:
         if self._runners.get(runner.id) is runner:
             del self._runners[runner.id]
+        self.ctx.activity.forget(runner.id)
 
     def heartbeat_slot(self) -> asyncio.Semaphore:
         if self._heartbeat_slots is None:
@@ -480,7 +555,7 @@ class Controller:
         for start in range(0, len(runners), SLICE):
             for runner in runners[start : start + SLICE]:
                 if runner.state is S.READY and not runner.done:
-                    last = activity.last_request(runner.model)
+                    last = activity.last_request_of(runner.id)  # per replica: an unused one is idle
                     served = activity.in_flight_of(runner.id) > 0 or (last is not None and last > since)
                     windows.append((runner.id, runner.model, served))
             await asyncio.sleep(0)

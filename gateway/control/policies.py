@@ -29,6 +29,12 @@ class DeploymentView:
     in_flight: int = 0
     gpus: int = 1
     accelerators: tuple[str, ...] = ()  # GPU types of the cluster it runs on; () = unknown / local slots
+    replicas: int = 1  # ready replicas of its model serving now (this one included if serving)
+
+    @property
+    def extra(self) -> bool:
+        """One of several ready replicas: its model goes on serving without it."""
+        return self.replicas > 1
 
 
 @dataclass(frozen=True)
@@ -44,11 +50,13 @@ def idle_seconds(view: DeploymentView, now: datetime) -> float:
 
 
 def idle_stops(views: Iterable[DeploymentView], now: datetime) -> list[StopAction]:
-    """Ready deployments idle longer than their keep-hot time, with no request in flight,
-    unless pinned by priority."""
+    """Ready deployments idle longer than their keep-hot time, unless pinned by priority.
+    Idleness is the model's: no replica of it may have a request in flight."""
+    views = list(views)
+    busy = {view.model for view in views if view.in_flight > 0}
     actions = []
     for view in views:
-        if view.state is not DeploymentState.READY or view.in_flight > 0:
+        if view.state is not DeploymentState.READY or view.model in busy:
             continue
         if view.priority >= PINNED_PRIORITY:
             continue
@@ -91,6 +99,19 @@ class Request:
     priority: int
     gpus: int
     accelerators: tuple[str, ...] = ()  # allowed GPU types (any of); () = any
+    extra: bool = False  # a further replica of a model that is serving already (a scale-up)
+
+
+def outranks(request: Request, view: DeploymentView) -> bool:
+    """Whether `request` may evict `view`. The first replica of a model outranks every extra
+    replica (of any model and priority); otherwise the higher priority wins, and a pinned
+    model's last replica is never evicted. An extra replica thus only ever evicts extra
+    replicas of lower-priority models."""
+    if request.extra != view.extra:
+        return view.extra
+    if not view.extra and view.priority >= PINNED_PRIORITY:
+        return False
+    return view.priority < request.priority
 
 
 @dataclass(frozen=True)
@@ -111,7 +132,7 @@ def eligible_victim(
 ) -> bool:
     if view.state is not DeploymentState.READY or view.model == request.model:
         return False
-    if view.priority >= request.priority or view.priority >= PINNED_PRIORITY:
+    if not outranks(request, view):
         return False
     if view.gpus < request.gpus:
         return False
@@ -132,14 +153,17 @@ def choose_victim(
     now: datetime,
     cooldown_seconds: float,
 ) -> DeploymentView | None:
-    """The ready deployment to hand over to `request`, or None. Among deployments of strictly
-    lower priority (never pinned ones) with compatible accelerators and enough GPUs, prefer: no
-    requests in flight, then the lowest priority, then least recently used, then the fewest
-    GPUs wasted."""
+    """The ready deployment to hand over to `request`, or None. Among the deployments it
+    outranks (`outranks`) with compatible accelerators and enough GPUs, prefer: extra replicas,
+    then no requests in flight, then the lowest priority, then least recently used, then the
+    fewest GPUs wasted."""
     candidates = [v for v in views if eligible_victim(v, request, evictions, now, cooldown_seconds)]
     if not candidates:
         return None
-    return min(candidates, key=lambda v: (v.in_flight > 0, v.priority, v.last_used, v.gpus - request.gpus))
+    return min(
+        candidates,
+        key=lambda v: (not v.extra, v.in_flight > 0, v.priority, v.last_used, v.gpus - request.gpus),
+    )
 
 
 # -- schedules ------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ class Reaper:
                 ):
                     log.info("%s: %s (%s)", action.model, action.kind, action.reason)
                     applied.append(action)
+            self.controller.autoscale(now)
         for model in prewarm_due(self.prewarm, since, now):
             self._spawn(self._prewarm(model))
         if self.export is not None and cron_fired(self.export.cron, "UTC", since, now):

@@ -113,6 +113,7 @@ class DeploymentRunner:
         previous: Sequence[DeploymentRunner] = (),
         request_secrets: bool = False,
         started_by: str | None = None,
+        why: str = "cold start requested",
     ) -> None:
         self.ctx = ctx
         self.owner = owner
@@ -135,6 +136,7 @@ class DeploymentRunner:
         self.request_secrets = request_secrets
         # Whose start this is (the request's API key id, `admin`): in the row, for cost by key.
         self.started_by = started_by
+        self._why = why  # the launch event's reason: a cold start, or a replica for more load
         self._adoption = adoption
         self._previous = [r for r in previous if not r.task.done()]
         self._waiting_previous = False
@@ -271,7 +273,7 @@ class DeploymentRunner:
         except Exception as exc:
             raise self._start_failed(exc) from exc
         self._created = True
-        self._event("launch", f"cold start requested ({gpus} GPU, priority {priority})")
+        self._event("launch", f"{self._why} ({gpus} GPU, priority {priority})")
 
     async def _start(self) -> None:
         if self.stop_request is not None:  # asked to stop before it began (reconcile)

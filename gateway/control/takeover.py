@@ -41,6 +41,7 @@ class Takeover:
                 priority=spec.priority,
                 gpus=spec.gpus_per_replica,
                 accelerators=spec.accelerators or (),
+                extra=any(r.serving and r.model == spec.id for r, _ in candidates),
             ),
             evictions=self._evictions,
             now=now,

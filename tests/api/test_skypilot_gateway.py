@@ -17,7 +17,7 @@ from tasks.provider import ClusterRef, LaunchSpec
 from tasks.sky_task import SkyTaskConfig, cluster_name
 from tasks.skypilot import SkyPilotConfig, SkyPilotProvider
 from tests.api.test_lifecycle import FakeClock
-from tests.conftest import CHAT_BODY, make_settings, running_gateway
+from tests.conftest import ADMIN_TOKEN, CHAT_BODY, make_settings, running_gateway
 from tests.fake_sky import FakeSkyClient
 from tests.stub_upstream import make_app, serve_in_thread
 
@@ -145,3 +145,23 @@ async def test_reconcile_can_adopt_unknown_clusters(tmp_path: Path, chat_stub: s
         assert (await http.post("/v1/chat/completions", json=CHAT_BODY)).status_code == 200
         assert not [c for c in client.calls if c[0] == "launch"]
     assert client.clusters == {}  # shutdown downs what the gateway holds
+
+
+async def test_each_replica_is_its_own_cluster(tmp_path: Path, chat_stub: str) -> None:
+    clock, client = FakeClock(), FakeSkyClient(endpoint=chat_stub.removeprefix("http://"))
+    hot = {"replicas": {"min": 2, "max": 2}, "keep_hot_seconds": 600}
+    settings = make_settings(tmp_path, {"org/chat": hot})
+    async with running_gateway(settings, SkyPilotProvider(client, CONFIG), clock) as (app, http):
+        assert (await http.post("/v1/chat/completions", json=CHAT_BODY)).status_code == 200
+        await app.state.reaper.tick(clock.advance(1))  # hot and below min: a second replica
+        ctl = app.state.controller
+        await asyncio.wait({r.ready for r in ctl.runners("org/chat")})
+        names = {r.ref.name for r in ctl.runners("org/chat") if r.serving}
+        assert len(names) == 2 and names == set(client.clusters)
+        assert names == {cluster_name(r.launch_spec) for r in ctl.runners("org/chat")}
+        clock.advance(3600)
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        rows = (await http.get("/admin/costs", headers=auth, params={"group_by": "cluster"})).json()
+        assert {r["cluster"] for r in rows} == names
+        [model] = (await http.get("/admin/costs", headers=auth, params={"group_by": "model"})).json()
+        assert model["dollars"] > 0 and model["dollars"] == pytest.approx(sum(r["dollars"] for r in rows))

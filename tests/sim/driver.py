@@ -6,7 +6,7 @@ internals, so it stays small and says plainly what it reaches into.
   loop) and the proxy's accounting (`activity.track`, `engine_error` when the engine does not
   answer);
 - admin operations go through the real admin API over ASGI (no internals needed);
-- `owners`, `routes`, `in_flight` and `lease_holder_id` read what the invariants compare.
+- `owners`, `routes`, `replicas`, `in_flight` and `lease_holder_id` read what the invariants compare.
 """
 
 from __future__ import annotations
@@ -38,6 +38,15 @@ def owners(app: FastAPI) -> set[str]:
 
 def routes(app: FastAPI) -> dict[str, str | None]:
     return {model: route.deployment_id for model, route in controller(app).routes.items()}
+
+
+def replicas(app: FastAPI) -> dict[str, tuple[int, int]]:
+    """(serving, starting) deployments per model of this controller."""
+    out: dict[str, tuple[int, int]] = {}
+    for r in controller(app).runners():
+        serving, starting = out.get(r.model, (0, 0))
+        out[r.model] = (serving + r.serving, starting + r.starting)
+    return out
 
 
 def in_flight(app: FastAPI, model: str) -> int:

@@ -3,6 +3,8 @@
 - world-owned: every engine the cloud runs belongs to exactly one live deployment row;
 - owner-alive: every live row is owned by the live lease holder (held in its controller);
 - stale-route: the holder routes only to READY deployments;
+- replicas: the holder serves at most replicas.max replicas of a model and starts at most one
+  of them at a time;
 - in-flight: each controller counts exactly the requests that are open against it;
 - request-wait: no request waits longer than the bound below;
 - queue-full: 503 queue_full only when max_waiting_requests clients really wait;
@@ -57,7 +59,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tests.sim import driver
-from tests.sim.plan import CHECK_EVERY, COLD_START_TIMEOUT, DRAIN, HEARTBEAT, MAX_WAITING, TICK, known_bounds
+from tests.sim.plan import (
+    CHECK_EVERY,
+    COLD_START_TIMEOUT,
+    DRAIN,
+    HEARTBEAT,
+    MAX_WAITING,
+    TICK,
+    known_bounds,
+    max_replicas,
+)
 from tests.sim.store_view import TERMINAL, Interval, Row
 
 if TYPE_CHECKING:
@@ -138,6 +149,7 @@ class Checker:
         self.world_owned(rows)
         self.owner_alive(rows, holder)
         self.stale_routes(rows, holder)
+        self.replicas(holder)
         self.ledger(self.sim.view.intervals(), watched=holder is not None)
         self.fencing()
         self.schedules()
@@ -189,6 +201,19 @@ class Checker:
                     "stale-route",
                     dep,
                     f"{holder.name} routes {model} to {self.sim.alias(dep)}, which is {state.get(dep)}",
+                )
+
+    def replicas(self, holder: Gateway | None) -> None:
+        """A model serves at most replicas.max replicas, and at most one of them starts at a time."""
+        if holder is None:
+            return
+        for model, (serving, starting) in driver.replicas(holder.app).items():
+            if serving > max_replicas(model) or starting > 1:
+                self.flag(
+                    "replicas",
+                    (model, serving, starting),
+                    f"{holder.name} has {serving} replicas of {model} serving (max {max_replicas(model)}) "
+                    f"and {starting} starting (at most 1)",
                 )
 
     def in_flight(self) -> None:

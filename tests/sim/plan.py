@@ -39,11 +39,30 @@ PREWARM_CRON = "10 23 * * *"
 PREWARM_MODELS = ("chat", "pinned")
 FIRST_AFTER_HOURS = datetime(2026, 3, 2, 23, 0, tzinfo=UTC)
 
+SCALE_UP = 10.0  # replicas: load above the target this long adds one
+SCALE_DOWN = 30.0  # and low enough for one fewer this long removes one
+
 MODELS: dict[str, dict[str, Any]] = {
-    "small": {"gpus_per_replica": 1, "priority": 0, "keep_hot_seconds": 30},
-    "chat": {"gpus_per_replica": 1, "priority": 1},
+    "small": {
+        "gpus_per_replica": 1,
+        "priority": 0,
+        "keep_hot_seconds": 30,
+        "replicas": {"min": 0, "max": 3},
+        "target_in_flight_per_replica": 1,
+    },
+    "chat": {
+        "gpus_per_replica": 1,
+        "priority": 1,
+        "replicas": {"min": 0, "max": 2},
+        "target_in_flight_per_replica": 1,
+    },
     "big": {"gpus_per_replica": 2, "priority": 1, "keep_hot_seconds": 60},
-    "pinned": {"gpus_per_replica": 1, "priority": 2},
+    "pinned": {
+        "gpus_per_replica": 1,
+        "priority": 2,
+        "replicas": {"min": 1, "max": 2},
+        "target_in_flight_per_replica": 1,
+    },
     "top": {"gpus_per_replica": 1, "priority": 3, "keep_hot_seconds": 45},
     "embed": {"gpus_per_replica": 1, "priority": 0, "kind": "embedding", "keep_hot_seconds": 20},
 }
@@ -63,6 +82,12 @@ MODEL_WEIGHTS = {"small": 4, "chat": 5, "big": 2, "pinned": 2, "top": 2, "embed"
 
 def variant(index: int) -> dict[str, dict[str, Any]]:
     return {m: v for m, v in VARIANTS[index].items() if v is not None}
+
+
+def max_replicas(model: str) -> int:
+    """The most replicas `model` may run in any variant."""
+    entries = [v[model] for v in VARIANTS if v.get(model) is not None]
+    return max(e.get("replicas", {}).get("max", 1) for e in entries)
 
 
 def known_bounds(model: str) -> tuple[int, float]:
@@ -108,6 +133,8 @@ class Scenario:
             reaper_interval_seconds=TICK,
             controller_lease_seconds=LEASE,
             keep_hot_seconds=KEEP_HOT,
+            scale_up_seconds=SCALE_UP,
+            scale_down_seconds=SCALE_DOWN,
             cold_start_timeout_seconds=COLD_START_TIMEOUT,
             drain_seconds=DRAIN,
             stop_timeout_seconds=STOP_TIMEOUT,
