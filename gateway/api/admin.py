@@ -218,8 +218,8 @@ COSTS_CSV_DOC: dict[int | str, dict[str, Any]] = {
         "content": {
             "text/csv": {
                 "schema": {"type": "string"},
-                "example": "model,dollars,gpu_hours,cold_dollars,serving_dollars,idle_dollars,failed_dollars\n"
-                "tiny-llama,1.25,1.25,0.1,0.9,0.25,0.0\n",
+                "example": "model,dollars,gpu_hours,cold_dollars,serving_dollars,idle_dollars,spare_dollars,"
+                "failed_dollars\ntiny-llama,1.3,1.3,0.1,0.9,0.25,0.05,0.0\n",
             }
         }
     }
@@ -230,8 +230,8 @@ COSTS_CSV_DOC: dict[int | str, dict[str, Any]] = {
     "/costs",
     summary="Costs",
     description="GPU cost from the ledger, grouped by model, UTC day, cluster or phase, with the dollars of "
-    "each phase: cold (launching and loading), serving, idle (kept hot without traffic) and failed (launches "
-    "that never became ready). `format=csv` answers CSV. Default range: the last 7 days; an empty range has "
+    "each phase: cold (launching and loading), serving, idle (kept hot without traffic), spare (kept up "
+    "after the keep-hot time for another cold start to swap onto) and failed (launches that never became ready). `format=csv` answers CSV. Default range: the last 7 days; an empty range has "
     "no rows. Times are ISO 8601; a date alone is its midnight, and a time without a zone is UTC.",
     response_model=list[CostRow],
     response_model_exclude_unset=True,  # of model, day, cluster and phase: only the group's key

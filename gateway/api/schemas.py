@@ -113,6 +113,9 @@ class CostRow(Out):
     cold_dollars: float = Field(description="Launching and loading.", examples=[0.1])
     serving_dollars: float = Field(examples=[0.9])
     idle_dollars: float = Field(description="Kept hot without traffic.", examples=[0.25])
+    spare_dollars: float = Field(
+        description="Clusters kept up as spares after their keep-hot time.", examples=[0.05]
+    )
     failed_dollars: float = Field(description="Launches that never became ready.", examples=[0.0])
 
 

@@ -200,7 +200,7 @@ def costs(
     ] = None,
     csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
 ) -> None:
-    """GPU cost by model, day, cluster or phase, split into cold, serving, idle and failed."""
+    """GPU cost by model, day, cluster or phase, split into cold, serving, idle, spare and failed."""
     target: Target = ctx.obj
     params = {k: v for k, v in {"group_by": group_by, "since": since, "until": until}.items() if v}
     if csv:
@@ -214,6 +214,7 @@ def costs(
         "cold_dollars",
         "serving_dollars",
         "idle_dollars",
+        "spare_dollars",
         "failed_dollars",
     ]
     target.show(rows, columns)

@@ -164,6 +164,8 @@ class Controller:
                         in_flight=self.ctx.activity.in_flight_of(runner.id),
                         gpus=ref.gpus if ref else spec.gpus_per_replica,
                         accelerators=tuple(ref.data.get("accelerators") or ()) if ref else (),
+                        spare_seconds=runner.spare_seconds,
+                        spare_since=runner.spare_at,
                     ),
                 )
             )
@@ -314,6 +316,9 @@ class Controller:
 
     async def take_over(self, runner: DeploymentRunner, exc: CapacityError) -> ClusterRef:
         return await self._takeover.take_over(runner, exc, self._views())
+
+    async def claim_spare(self, runner: DeploymentRunner) -> ClusterRef | None:
+        return await self._takeover.claim_spare(runner, self._views())
 
     def runner_done(self, runner: DeploymentRunner, failure: str | None) -> None:
         if self._runners.get(runner.id) is runner:

@@ -1,8 +1,11 @@
 """One runner per deployment: the single owner of a deployment's lifecycle.
 
 A `DeploymentRunner` is one task that takes a deployment from `pending` to a terminal state:
-launch (or take over a lower-priority model's cluster), wait until ready, serve, wait for a stop
-request, drain, stop. Cleanup is in one `finally` (`_release`), so every exit — success, failure,
+launch (or swap onto a spare cluster, or take over a lower-priority model's cluster), wait until
+ready, serve, wait for a stop request, drain, stop. After an idle stop, where the provider keeps
+spares and `spare_seconds` is set, the runner first keeps its cluster as a spare (state `spare`):
+it waits the same way, for a cold start that fits to ask for the cluster (a hand-over, as in a
+takeover) or for a stop request (the spare's time is over, after hours, shutdown). Cleanup is in one `finally` (`_release`), so every exit — success, failure,
 cold-start timeout, a stop request during the start, takeover, unload, after hours, shutdown —
 ends `stopped` or `failed` with `provider.stop` done, or with the cluster handed to the runner of
 another deployment (takeover). Others never change a deployment themselves: they *ask* its
@@ -70,6 +73,8 @@ class RunnerOwner(Protocol):
 
     async def take_over(self, runner: DeploymentRunner, exc: CapacityError) -> ClusterRef: ...
 
+    async def claim_spare(self, runner: DeploymentRunner) -> ClusterRef | None: ...
+
     def runner_done(self, runner: DeploymentRunner, failure: str | None) -> None: ...
 
     def heartbeat_slot(self) -> asyncio.Semaphore: ...
@@ -121,6 +126,7 @@ class DeploymentRunner:
         self.endpoint: Endpoint | None = None
         self.started_at = ctx.clock()
         self.ready_at: datetime | None = None
+        self.spare_at: datetime | None = None  # when it became a spare
         self.stop_request: StopRequest | None = None
         self.handed_over_to: str | None = None
         self.fenced = False
@@ -133,6 +139,9 @@ class DeploymentRunner:
         self._adoption = adoption
         self._previous = [r for r in previous if not r.task.done()]
         self._waiting_previous = False
+        # Set once it holds nothing a later start of its model must wait for: it ended, or it is a
+        # spare (a cluster of its own, which that start may even swap onto).
+        self.let_go = asyncio.Event()
         self._wake = asyncio.Event()
         self._handover: _HandOver | None = None
         self._op: asyncio.Task[None] | None = None
@@ -143,6 +152,7 @@ class DeploymentRunner:
         if adoption is not None and adoption.endpoint is not None:
             self._became_ready(adoption.endpoint)  # serves from this moment, not from the task's first step
         self.task = asyncio.create_task(self.run(), name=f"deployment {deployment_id} ({spec.id})")
+        self.task.add_done_callback(lambda _: self.let_go.set())
 
     # -- what others may ask ----------------------------------------------------------------
 
@@ -170,6 +180,24 @@ class DeploymentRunner:
         """Coming up, and new requests may wait for it."""
         return self.state in _STARTING and self.stop_request is None and not self.done
 
+    @property
+    def claimable(self) -> bool:
+        """A spare no one has asked for yet, and not asked to stop."""
+        return (
+            self.state is S.SPARE
+            and self.stop_request is None
+            and self._handover is None
+            and not self.done
+            and self.ref is not None
+            and self.spare_at is not None
+        )
+
+    @property
+    def spare_seconds(self) -> float:
+        """How long it stays up as a spare after an idle stop (the model's value, else the setting's)."""
+        spec = self.ctx.catalog.resolve(self.model) or self.spec
+        return spec.spare_seconds if spec.spare_seconds is not None else self.ctx.settings.spare_seconds
+
     def route(self) -> Route:
         assert self.endpoint is not None
         return Route(
@@ -193,7 +221,8 @@ class DeploymentRunner:
         return True
 
     def hand_over(self, requester: DeploymentRunner) -> asyncio.Future[ClusterRef]:
-        """Ask a serving runner to drain and give its cluster to `requester` (a takeover)."""
+        """Ask a serving runner to drain and give its cluster to `requester` (a takeover), or a
+        spare to give its cluster at once."""
         future: asyncio.Future[ClusterRef] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieve)
         self._handover = _HandOver(requester, future)
@@ -279,6 +308,9 @@ class DeploymentRunner:
         self._became_ready(endpoint)
 
     async def _launch(self) -> ClusterRef:
+        ref = await self.owner.claim_spare(self)
+        if ref is not None:
+            return ref
         try:
             return await self.ctx.provider.launch(self.launch_spec)
         except CapacityError as exc:
@@ -287,10 +319,10 @@ class DeploymentRunner:
     async def _wait_previous(self) -> None:
         """The model's previous engines must release their GPUs first (under the cold-start
         timeout, like the rest of the start)."""
-        pending = [r.task for r in self._previous if not r.task.done()]
+        pending = [r.let_go for r in self._previous if not r.let_go.is_set()]
         if pending:
             self._waiting_previous = True
-            await asyncio.wait(pending)
+            await asyncio.gather(*(event.wait() for event in pending))
             self._waiting_previous = False
 
     def _became_ready(self, endpoint: Endpoint) -> None:
@@ -309,19 +341,49 @@ class DeploymentRunner:
         self.ready.set_result(self.route())
 
     async def _serve(self) -> None:
-        """Serve until a stop is requested or the cluster is handed over; then drain."""
-        while self.stop_request is None:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._handover is not None and await self._give_away(self._handover):
-                return
-        if self.stop_request.drain and self.ctx.activity.in_flight_of(self.id) > 0:
+        """Serve until a stop is requested or the cluster is handed over; then drain. An idle
+        stop may make it a spare first, which waits the same way."""
+        while True:
+            while self.stop_request is None:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._handover is not None and await self._give_away(self._handover):
+                    return
+            if not self._keep_as_spare():
+                break
+        request = self.stop_request
+        assert request is not None
+        if request.drain and self.state is S.READY and self.ctx.activity.in_flight_of(self.id) > 0:
             self._move(S.DRAINING)
             await self.ctx.activity.wait_idle(self.id, self.ctx.settings.drain_seconds)
 
+    def _keep_as_spare(self) -> bool:
+        """After an idle stop, keep the cluster up as a spare (engine left as it is: the swap of
+        whoever claims it replaces it); True if it became one."""
+        request, seconds = self.stop_request, self.spare_seconds
+        if request is None or request.kind != "idle-stop" or self.state is not S.READY or seconds <= 0:
+            return False
+        if not self.ctx.provider.keeps_spares or self.owner.closing or self.ref is None:
+            return False
+        try:
+            self._move(S.SPARE)
+        except Exception as exc:  # a store error: stopped as it would have been without spares
+            log.warning("deployment %s of %s: cannot become a spare: %s", self.id, self.model, exc)
+            return False
+        self.spare_at = self.ctx.clock()
+        self.stop_request = None
+        self.let_go.set()
+        self._event(
+            "spare", f"{self.ref.name} kept as a spare for {seconds:g}s for a cold start that fits it"
+        )
+        return True
+
     async def _give_away(self, handover: _HandOver) -> bool:
-        """Drain, then hand the cluster to the requester if it still wants it; True if handed."""
+        """Drain, then hand the cluster to the requester if it still wants it; True if handed.
+        A spare hands it at once, and stays a spare if the requester has gone."""
         requester = handover.requester
+        if self.state is S.SPARE:
+            return self._give_spare(handover)
         self._move(S.DRAINING)
         self._event("evicted", f"evicted by {requester.model} (priority {requester.spec.priority})")
         await self.ctx.activity.wait_idle(self.id, self.ctx.settings.drain_seconds)
@@ -330,12 +392,27 @@ class DeploymentRunner:
                 "evicted", f"{requester.model} no longer needs the cluster", drain=False
             )
             return False
+        self._hand(handover)
+        return True
+
+    def _give_spare(self, handover: _HandOver) -> bool:
+        requester = handover.requester
+        self._handover = None
+        if handover.future.done() or requester.done or requester.stop_request is not None:
+            if not handover.future.done():
+                handover.future.set_exception(CapacityError(f"{requester.model} no longer needs a spare"))
+            return False
+        self._event("spare-claimed", f"claimed by {requester.model} (deployment {requester.id})")
+        self._hand(handover)
+        return True
+
+    def _hand(self, handover: _HandOver) -> None:
+        """The hand-over itself, synchronous: from here on the requester owns the cluster."""
         assert self.ref is not None
         self._cancel_children()
-        requester.receive_cluster(self.ref)
-        self.handed_over_to = requester.model
+        handover.requester.receive_cluster(self.ref)
+        self.handed_over_to = handover.requester.model
         handover.future.set_result(self.ref)
-        return True
 
     async def _release(self, exit_: _Exit | None) -> None:
         """The one way out: waiters answered, engine stopped (or handed over), state terminal,
