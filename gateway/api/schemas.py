@@ -3,7 +3,7 @@ them from the controller (no routing here). Field examples are what Swagger show
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
@@ -41,10 +41,20 @@ class Out(BaseModel):
 
 class ModelStatus(Out):
     id: str = Field(examples=[MODEL_ID])
-    state: str = Field(description="`stopped`, `pending` ... `ready`, or `external`.", examples=["ready"])
+    state: str = Field(
+        description="`stopped`, `pending` ... `ready`, `spare` (its cluster kept for another cold start), "
+        "or `external`.",
+        examples=["ready"],
+    )
     priority: int = Field(description="Effective priority (admin override or file).", examples=[1])
     reference_priority: int = Field(description="The reference file's priority.", examples=[0])
     keep_hot_seconds: float = Field(examples=[600])
+    spare_seconds: float = Field(
+        description="How long its cluster stays up as a spare after the keep-hot time (0: off).", examples=[0]
+    )
+    spare_until: Time | None = Field(
+        None, description="While its cluster is a spare: when it is stopped unless claimed.", examples=[None]
+    )
     gpus_per_replica: int = Field(examples=[1])
     kind: str = Field(examples=["chat"])
     external: bool = Field(description="Served by an endpoint the gateway does not run.", examples=[False])
@@ -171,12 +181,16 @@ def model_status(spec: ModelSpec, catalog: Catalog, controller: Controller) -> M
     failure = controller.failure(spec.id)
     reference = catalog.reference.get(spec.id)
     keep_hot = spec.keep_hot_seconds
+    spare = spec.spare_seconds if spec.spare_seconds is not None else controller.settings.spare_seconds
+    spare_at = live.spare_at if live is not None and live.state.value == "spare" else None
     return ModelStatus(
         id=spec.id,
         state="external" if spec.external else controller.phase(spec.id),
         priority=spec.priority,
         reference_priority=reference.priority if reference else 0,
         keep_hot_seconds=keep_hot if keep_hot is not None else controller.settings.keep_hot_seconds,
+        spare_seconds=spare,
+        spare_until=spare_at + timedelta(seconds=spare) if spare_at is not None else None,
         gpus_per_replica=spec.gpus_per_replica,
         kind=spec.kind,
         external=spec.external,

@@ -335,14 +335,16 @@ class Controller:
 
     # -- taking models down -----------------------------------------------------------------
 
-    def stop_deployment(self, deployment_id: str, *, kind: str, reason: str, force: bool = False) -> bool:
+    def stop_deployment(
+        self, deployment_id: str, *, kind: str, reason: str, force: bool = False, spare: bool = False
+    ) -> bool:
         """Ask a deployment to stop; False if there is none or (without `force`) it has requests
         in flight. It takes no new request from this moment on; with `force`, requests in flight
-        get `drain_seconds`."""
+        get `drain_seconds`; with `spare`, its cluster may stay up as a spare first."""
         runner = self._runners.get(deployment_id)
         if runner is None or (not force and self.ctx.activity.in_flight_of(deployment_id) > 0):
             return False
-        return runner.request_stop(StopRequest(kind, reason, drain=force))
+        return runner.request_stop(StopRequest(kind, reason, drain=force, spare=spare))
 
     async def stop_model(self, model: str, *, kind: str, reason: str) -> bool:
         """Stop every deployment of `model`, whatever it is doing; True if there was one."""
@@ -366,9 +368,10 @@ class Controller:
             runner.check_engine(reason)
 
     async def settle(self) -> None:
-        """Wait until every deployment asked to stop has stopped (for the reaper and tests)."""
-        while stopping := [r.task for r in self._runners.values() if r.stop_request is not None]:
-            await asyncio.wait(stopping)
+        """Wait until every deployment asked to stop has stopped or become a spare (for the
+        reaper and tests)."""
+        while stopping := [r for r in self._runners.values() if r.stop_request is not None]:
+            await asyncio.gather(*(r.stopped_or_spare() for r in stopping))
 
     async def shutdown(self) -> None:
         """Stop every deployment this process owns (drained), then anything else the provider

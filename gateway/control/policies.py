@@ -39,6 +39,7 @@ class StopAction:
     model: str
     kind: str  # the event kind: idle-stop, ...
     reason: str
+    spare: bool = False  # the cluster may stay up as a spare first (its model's spare_seconds)
 
 
 def idle_seconds(view: DeploymentView, now: datetime) -> float:
@@ -62,6 +63,7 @@ def idle_stops(views: Iterable[DeploymentView], now: datetime) -> list[StopActio
                     model=view.model,
                     kind="idle-stop",
                     reason=f"idle {idle:.0f}s > keep_hot_seconds {view.keep_hot_seconds:g}",
+                    spare=view.spare_seconds > 0,
                 )
             )
     return actions

@@ -69,7 +69,7 @@ class Reaper:
         else:
             for action in [*idle_stops(views, now), *spare_expiries(views, now)]:
                 if self.controller.stop_deployment(
-                    action.deployment_id, kind=action.kind, reason=action.reason
+                    action.deployment_id, kind=action.kind, reason=action.reason, spare=action.spare
                 ):
                     log.info("%s: %s (%s)", action.model, action.kind, action.reason)
                     applied.append(action)

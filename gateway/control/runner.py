@@ -54,6 +54,7 @@ class StopRequest:
     reason: str
     drain: bool = True  # requests in flight get drain_seconds
     failed: bool = False  # the deployment ends `failed` (its engine died)
+    spare: bool = False  # an idle stop: the cluster may stay up as a spare first
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ class DeploymentRunner:
         # Set once it holds nothing a later start of its model must wait for: it ended, or it is a
         # spare (a cluster of its own, which that start may even swap onto).
         self.let_go = asyncio.Event()
+        self._rests = asyncio.Event()  # a spare with no stop asked for (see stopped_or_spare)
         self._wake = asyncio.Event()
         self._handover: _HandOver | None = None
         self._op: asyncio.Task[None] | None = None
@@ -213,6 +215,7 @@ class DeploymentRunner:
         if self.stop_request is not None or self.done:
             return False
         self.stop_request = request
+        self._rests.clear()
         if request.kind not in ("evicted", "engine-failed"):  # those write their own events
             self._event(request.kind, request.reason)  # when decided, not when done
         if self._op is not None and not self._op.done():
@@ -241,6 +244,14 @@ class DeploymentRunner:
         if self.serving and not self._checking:
             self._checking = True
             self._spawn(self._check(reason))
+
+    async def stopped_or_spare(self) -> None:
+        """Until the runner has ended, or rests as a spare (for `Controller.settle`)."""
+        rests = asyncio.ensure_future(self._rests.wait())
+        try:
+            await asyncio.wait({self.task, rests}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            rests.cancel()
 
     def abandon(self) -> None:
         """This process lost the controller lease: stop at once, touching nothing."""
@@ -361,7 +372,7 @@ class DeploymentRunner:
         """After an idle stop, keep the cluster up as a spare (engine left as it is: the swap of
         whoever claims it replaces it); True if it became one."""
         request, seconds = self.stop_request, self.spare_seconds
-        if request is None or request.kind != "idle-stop" or self.state is not S.READY or seconds <= 0:
+        if request is None or not request.spare or self.state is not S.READY or seconds <= 0:
             return False
         if not self.ctx.provider.keeps_spares or self.owner.closing or self.ref is None:
             return False
@@ -373,6 +384,7 @@ class DeploymentRunner:
         self.spare_at = self.ctx.clock()
         self.stop_request = None
         self.let_go.set()
+        self._rests.set()
         self._event(
             "spare", f"{self.ref.name} kept as a spare for {seconds:g}s for a cold start that fits it"
         )
