@@ -40,8 +40,8 @@ PREWARM_MODELS = ("chat", "pinned")
 FIRST_AFTER_HOURS = datetime(2026, 3, 2, 23, 0, tzinfo=UTC)
 
 MODELS: dict[str, dict[str, Any]] = {
-    "small": {"gpus_per_replica": 1, "priority": 0, "keep_hot_seconds": 30},
-    "chat": {"gpus_per_replica": 1, "priority": 1},
+    "small": {"gpus_per_replica": 1, "priority": 0, "keep_hot_seconds": 30, "spare_seconds": 40},
+    "chat": {"gpus_per_replica": 1, "priority": 1, "spare_seconds": 60},
     "big": {"gpus_per_replica": 2, "priority": 1, "keep_hot_seconds": 60},
     "pinned": {"gpus_per_replica": 1, "priority": 2},
     "top": {"gpus_per_replica": 1, "priority": 3, "keep_hot_seconds": 45},
@@ -65,13 +65,14 @@ def variant(index: int) -> dict[str, dict[str, Any]]:
     return {m: v for m, v in VARIANTS[index].items() if v is not None}
 
 
-def known_bounds(model: str) -> tuple[int, float]:
-    """The highest priority and keep-hot time `model` has in any variant (for a model the
-    catalog no longer lists, the controller keeps the values it started with)."""
+def known_bounds(model: str) -> tuple[int, float, float]:
+    """The highest priority, keep-hot and spare time `model` has in any variant (for a model
+    the catalog no longer lists, the controller keeps the values it started with)."""
     entries = [v[model] for v in VARIANTS if v.get(model) is not None]
     return (
         max(e.get("priority", 0) for e in entries),
         max(e.get("keep_hot_seconds", KEEP_HOT) for e in entries),
+        max(e.get("spare_seconds", 0.0) for e in entries),
     )
 
 
