@@ -187,10 +187,11 @@ async def info(settings: SettingsDep, catalog: CatalogDep, controller: Controlle
 @router.get(
     "/clusters",
     summary="Clusters",
-    description="The provider's view of its engines, like `sky status` for our clusters.",
+    description="The provider's view of its engines, like `sky status` for our clusters, with the "
+    "deployment holding each now and its state (`spare`: kept up for a cold start to swap onto).",
 )
 async def clusters(controller: ControllerDep) -> list[ClusterOut]:
-    return cluster_rows(await controller.provider.list(controller.ctx.instance_id))
+    return cluster_rows(await controller.provider.list(controller.ctx.instance_id), controller)
 
 
 @router.get(

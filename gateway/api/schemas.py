@@ -98,8 +98,21 @@ class InfoOut(Out):
 class ClusterOut(Out):
     name: str = Field(examples=["llmgw-tiny-llama-1a2b3c4d"])
     status: str = Field(examples=["UP"])
-    deployment_id: str | None = Field(examples=["3f2a9c1b7e4d"])
+    deployment_id: str | None = Field(
+        description="The deployment it was launched for (its label).", examples=["3f2a9c1b7e4d"]
+    )
     model: str | None = Field(examples=["tiny-llama"])
+    held_by: str | None = Field(
+        None,
+        description="The deployment holding it now (after a takeover or a spare swap, not the one it was "
+        "launched for); null: none of this gateway's.",
+        examples=["3f2a9c1b7e4d"],
+    )
+    state: str | None = Field(
+        None,
+        description="That deployment's state: `ready`, `spare` (kept for a cold start), ...",
+        examples=["spare"],
+    )
 
 
 class EventOut(Out):
@@ -218,16 +231,22 @@ def settings_view(settings: Settings) -> dict[str, Any]:
     return settings.model_dump(mode="json")
 
 
-def cluster_rows(infos: list[ClusterInfo]) -> list[ClusterOut]:
-    return [
-        ClusterOut(
-            name=i.ref.name,
-            status=i.status,
-            deployment_id=i.ref.deployment_id or None,
-            model=i.model or i.ref.data.get("model") or i.ref.data.get("model_slug"),
+def cluster_rows(infos: list[ClusterInfo], controller: Controller) -> list[ClusterOut]:
+    holders = {r.ref.name: r for r in controller.runners() if r.ref is not None and not r.done}
+    rows = []
+    for i in infos:
+        holder = holders.get(i.ref.name)
+        rows.append(
+            ClusterOut(
+                name=i.ref.name,
+                status=i.status,
+                deployment_id=i.ref.deployment_id or None,
+                model=i.model or i.ref.data.get("model") or i.ref.data.get("model_slug"),
+                held_by=holder.id if holder else None,
+                state=holder.state.value if holder else None,
+            )
         )
-        for i in infos
-    ]
+    return rows
 
 
 def event_rows(events: list[Event]) -> list[EventOut]:

@@ -72,6 +72,8 @@ async def test_keep_hot_expiry_makes_a_spare_shown_by_the_admin_api(tmp_path: Pa
         assert model["spare_until"] == (clock() + timedelta(seconds=300)).isoformat()
         info = (await client.get("/admin/info", headers=AUTH)).json()
         assert info["deployments"] == {"spare": 1}
+        [cluster] = (await client.get("/admin/clusters", headers=AUTH)).json()
+        assert cluster["state"] == "spare" and cluster["held_by"] == model["deployment_id"]
         # A spare serves nothing: a request for `a` is a cold start (and swaps onto a's own spare).
         assert (await client.post("/v1/chat/completions", json=body("a"))).status_code == 200
         assert len(provider.launches) == 1 and [s.model for _, s in provider.swaps] == ["a"]
