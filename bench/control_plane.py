@@ -8,16 +8,18 @@ cost interval turns from idle to serving) and *busy* (the ticks after that, ever
 serving: the tick writes 1,000 last-used times). The baseline is a quiet tick of the same
 gateway before any deployment exists.
 
-Each figure is the CPU time of the event loop's thread during the tick (`time.thread_time()`):
-what the tick holds the loop for, every request waiting meanwhile. Work handed to the database
-writer's thread is not in it; the tick's wall time (which includes waiting for the writer) is in
-the note. Issue 11's bar: nothing holds the loop for more than 1 ms.
+Each figure is the longest the tick holds the event loop at a stretch (a task yielding in a
+loop meanwhile sees it as its longest gap): what a request arriving during the tick waits at
+most. The tick's CPU time on the loop's thread (`time.thread_time()`, from other ticks) and its
+wall time (which includes waiting for the database writer) are in the notes. The bar: nothing
+holds the loop for more than 1 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,7 +32,6 @@ from bench.stats import median
 from bench.suite import Context
 from gateway.app import create_app
 from gateway.config.settings import Settings
-from state import ModelRecord
 from tests.fakes import FakeProvider
 
 NAME = "control_plane"
@@ -54,7 +55,7 @@ def run(ctx: Context) -> BenchResult:
     models = ctx.pick(10_000, 2_000)
     live = ctx.pick(1_000, 100)
     ticks = ctx.pick(15, 4)
-    busy_ticks = ctx.pick(6, 3)  # the first is the wake-up tick
+    busy_ticks = ctx.pick(7, 3)  # the first is the wake-up tick
     reference = ctx.workdir / "model_reference.json"
     reference.write_text(json.dumps({f"org/model-{i:05d}": {} for i in range(models)}))
     settings = Settings(
@@ -66,41 +67,42 @@ def run(ctx: Context) -> BenchResult:
         local={"gpu_ids": ["0"]},
     )
     raw = uvloop.run(measure(settings, models=models, live=live, ticks=ticks, busy_ticks=busy_ticks))
-    base, quiet, busy = raw["baseline_tick_ms"], raw["quiet_tick_ms"], raw["busy_tick_ms"]
-    wall_quiet, wall_busy = raw["quiet_tick_wall_ms"], raw["busy_tick_wall_ms"]
     scale = f"{models:,} models, {live:,} live deployments"
     target = Target("<=", TICK_TARGET_MS, "ms")
+    base_cpu, quiet_cpu, busy_cpu = raw["baseline_tick_ms"], raw["quiet_tick_ms"], raw["busy_tick_ms"]
     rows = [
         Row(
             NAME,
-            "reaper tick on the loop, quiet",
-            median(quiet),
+            "longest loop hold in a tick, quiet",
+            max(raw["quiet_hold_ms"]),
             "ms",
-            baseline=f"no deployments {median(base):.2f} ms",
+            baseline=f"no deployments {max(raw['baseline_hold_ms']):.2f} ms",
             subject=scale,
             target=target,
-            note=f"loop-thread CPU, median of {len(quiet)}; max {max(quiet):.1f} ms; wall {median(wall_quiet):.1f} ms",
+            note=f"max of {len(raw['quiet_hold_ms'])} ticks; the tick's loop-thread CPU "
+            f"{median(quiet_cpu):.1f} ms (no deployments {median(base_cpu):.2f} ms), "
+            f"wall {median(raw['quiet_tick_wall_ms']):.1f} ms",
         ),
         Row(
             NAME,
-            "reaper tick on the loop, wake-up",
-            busy[0],
+            "longest loop hold in a tick, wake-up",
+            raw["wakeup_hold_ms"],
             "ms",
-            baseline=f"quiet {median(quiet):.2f} ms",
+            baseline=f"quiet {max(raw['quiet_hold_ms']):.2f} ms",
             subject=f"{live:,} idle models all used since last tick",
             target=target,
-            note=f"one tick; every deployment's cost interval turns from idle to serving; wall {wall_busy[0]:.1f} ms",
+            note=f"one tick; every deployment's cost interval turns from idle to serving; wall {raw['wakeup_wall_ms']:.1f} ms",
         ),
         Row(
             NAME,
-            "reaper tick on the loop, busy",
-            median(busy[1:]),
+            "longest loop hold in a tick, busy",
+            max(raw["busy_hold_ms"]),
             "ms",
-            baseline=f"quiet {median(quiet):.2f} ms",
+            baseline=f"quiet {max(raw['quiet_hold_ms']):.2f} ms",
             subject=f"{live:,} models used since last tick",
             target=target,
-            note=f"median of {len(busy) - 1}; max {max(busy[1:]):.1f} ms; wall {median(wall_busy[1:]):.1f} ms; "
-            "the tick writes the last-used times of every model used since the previous one",
+            note=f"max of {len(raw['busy_hold_ms'])}; loop-thread CPU {median(busy_cpu):.1f} ms; "
+            f"wall {median(raw['busy_tick_wall_ms']):.1f} ms; the tick writes the last-used times of every model used",
         ),
         Row(
             NAME,
@@ -119,26 +121,16 @@ async def measure(
     settings: Settings, *, models: int, live: int, ticks: int, busy_ticks: int
 ) -> dict[str, Any]:
     """Build the gateway's parts in-process (its startup writes, without its background loop),
-    launch `live` deployments, then time ticks. Nothing is torn down at the end: the fake
-    provider holds no process, and the SQLite file goes with the temporary directory."""
+    launch `live` deployments, then time ticks. The gateway's shutdown stops them (the fake
+    provider holds no process; the SQLite file goes with the temporary directory)."""
     clock = FakeClock()
     app = create_app(settings, provider=FakeProvider(), clock=clock)
-    store, controller, reaper, catalog = (
-        app.state.store,
-        app.state.controller,
-        app.state.reaper,
-        app.state.catalog,
-    )
+    controller, reaper, catalog = app.state.controller, app.state.reaper, app.state.catalog
     t0 = time.perf_counter()
-    store.create_all()
-    store.upsert_models(
-        ModelRecord(id=s.id, gpus_per_replica=s.gpus_per_replica, priority=s.priority, kind=s.kind)
-        for s in catalog.specs.values()
-    )
-    startup = time.perf_counter() - t0
-    try:
+    async with app.router.lifespan_context(app):  # takes the lease: the control loop may act
+        startup = time.perf_counter() - t0
         reaper.last_tick = clock()
-        baseline = [(await _timed_tick(reaper, clock))[0] for _ in range(ticks)]
+        baseline = [await _timed_tick(reaper, clock, probe=n % 2 == 1) for n in range(ticks)]
         specs = list(catalog.specs.values())[:live]
         t0 = time.perf_counter()
         for spec in specs:
@@ -146,35 +138,66 @@ async def measure(
         launches = time.perf_counter() - t0
         assert len(controller.routes) == live, f"{len(controller.routes)} of {live} deployments ready"
         await _timed_tick(reaper, clock)  # flushes what the launches left
-        quiet = [await _timed_tick(reaper, clock) for _ in range(ticks)]
-        busy = []
+        quiet = [await _timed_tick(reaper, clock, probe=n % 2 == 1) for n in range(ticks)]
+        busy: list[tuple[float, float, float]] = []
         for _ in range(busy_ticks):
             now = clock.advance(0.5)
             for spec in specs:  # one request per model since the previous tick
                 controller.activity.begin(spec.id, now)
                 controller.activity.end(spec.id, now)
-            busy.append(await _timed_tick(reaper, clock))
-    finally:
-        store.close()
+            busy.append(await _timed_tick(reaper, clock, probe=len(busy) % 2 == 0))
     return {
         "models": models,
         "live_deployments": live,
         "startup_s": round(startup, 3),
         "launches_s": round(launches, 2),
         "launch_ms_each": round(1000 * launches / live, 2),
-        "baseline_tick_ms": baseline,
-        "quiet_tick_ms": [cpu for cpu, _ in quiet],
-        "quiet_tick_wall_ms": [wall for _, wall in quiet],
-        "busy_tick_ms": [cpu for cpu, _ in busy],
-        "busy_tick_wall_ms": [wall for _, wall in busy],
+        "baseline_tick_ms": _cpu(baseline),
+        "baseline_hold_ms": _holds(baseline),
+        "quiet_tick_ms": _cpu(quiet),
+        "quiet_hold_ms": _holds(quiet),
+        "quiet_tick_wall_ms": [wall for _, wall, _ in quiet],
+        "wakeup_hold_ms": busy[0][2],
+        "wakeup_wall_ms": busy[0][1],
+        "busy_tick_ms": _cpu(busy[1:]),
+        "busy_hold_ms": _holds(busy[1:]),
+        "busy_tick_wall_ms": [wall for _, wall, _ in busy[1:]],
     }
 
 
-async def _timed_tick(reaper: Any, clock: FakeClock) -> tuple[float, float]:
-    """(loop-thread CPU ms, wall ms) of one tick."""
+def _cpu(ticks: list[tuple[float, float, float]]) -> list[float]:
+    return [cpu for cpu, _, _ in ticks if not math.isnan(cpu)]
+
+
+def _holds(ticks: list[tuple[float, float, float]]) -> list[float]:
+    return [hold for _, _, hold in ticks if not math.isnan(hold)]
+
+
+async def _timed_tick(reaper: Any, clock: FakeClock, *, probe: bool = False) -> tuple[float, float, float]:
+    """(loop-thread CPU ms, wall ms, longest loop hold ms) of one tick. The hold is measured by a
+    task that yields in a loop (the longest gap between two of its turns: what a request arriving
+    during the tick waits at most); it spins while the tick waits, so such a tick's CPU is not
+    reported (nan) and CPU comes from ticks without the probe."""
     now = clock.advance(TICK_SECONDS)
+    gaps: list[float] = []
+    running = True
+
+    async def turns() -> None:
+        last = time.perf_counter()
+        while running:
+            await asyncio.sleep(0)
+            t = time.perf_counter()
+            gaps.append(t - last)
+            last = t
+
+    task = asyncio.create_task(turns()) if probe else None
+    await asyncio.sleep(0)
     t0, cpu0 = time.perf_counter(), time.thread_time()
     await reaper.tick(now)
     cpu, elapsed = (time.thread_time() - cpu0) * 1000, (time.perf_counter() - t0) * 1000
+    running = False
+    if task is not None:
+        await task
     await asyncio.sleep(0)
-    return round(cpu, 3), round(elapsed, 3)
+    hold = max(gaps) * 1000 if gaps else math.nan
+    return (math.nan if probe else round(cpu, 3)), round(elapsed, 3), round(hold, 3)

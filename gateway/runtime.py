@@ -26,7 +26,7 @@ from gateway.control.lease import ControllerLease, stop_this_process
 from gateway.control.reaper import Reaper
 from gateway.control.reconcile import reconcile
 from gateway.proxy.upstream import Proxy
-from state import ModelRecord, Store
+from state import Store
 from state.writer import Writer
 from tasks.local import LocalConfig, LocalProvider
 from tasks.provider import Provider
@@ -190,10 +190,11 @@ class Runtime:
         self._tasks.append(asyncio.create_task(self.lease.keep(self._lease_lost), name="controller lease"))
         catalog, store = self.catalog, self.store
         catalog.load_overrides(store.overrides())
-        store.upsert_models(
-            ModelRecord(id=s.id, gpus_per_replica=s.gpus_per_replica, priority=s.priority, kind=s.kind)
+        records = [
+            {"id": s.id, "gpus_per_replica": s.gpus_per_replica, "priority": s.priority, "kind": s.kind}
             for s in catalog.specs.values()
-        )
+        ]
+        await self.writer.run(store.upsert_models, records)  # off the loop: the lease keeps renewing
         await self._check_failsafe()
         await reconcile(self.controller, catalog, unknown=self.settings.reconcile_unknown)
         # Series that exist from the start: Prometheus' increase() ignores a series' first sample.

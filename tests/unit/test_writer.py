@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from state import Store
-from state.tables import ModelRecord
 from state.writer import InlineExecutor, Writer
 
 
@@ -107,10 +106,15 @@ async def test_store_writes_through_the_writer_while_the_loop_keeps_running(tmp_
             ticks += 1
 
     counter = asyncio.create_task(count_ticks())
-    rows = [ModelRecord(id=f"m{n}") for n in range(2000)]
+    rows = [{"id": f"m{n}", "priority": n % 3} for n in range(2000)]
     await writer.run(store.upsert_models, rows)
     counter.cancel()
     assert ticks > 0  # the loop turned while the rows were written
     assert store.get_model("m1999") is not None
+    await writer.run(
+        store.upsert_models, [{"id": "m1999", "priority": 7}, {"id": "new", "kind": "embedding"}]
+    )
+    known, new = store.get_model("m1999"), store.get_model("new")
+    assert known is not None and known.priority == 7 and new is not None and new.kind == "embedding"
     writer.close()
     store.close()
