@@ -5,10 +5,12 @@ launch (or swap onto a spare cluster, or take over a lower-priority model's clus
 ready, serve, wait for a stop request, drain, stop. After an idle stop, where the provider keeps
 spares and `spare_seconds` is set, the runner first keeps its cluster as a spare (state `spare`):
 it waits the same way, for a cold start that fits to ask for the cluster (a hand-over, as in a
-takeover) or for a stop request (the spare's time is over, after hours, shutdown). Cleanup is in one `finally` (`_release`), so every exit — success, failure,
-cold-start timeout, a stop request during the start, takeover, unload, after hours, shutdown —
+takeover) or for a stop request (the spare's time is over, after hours, shutdown).
+
+Cleanup is in one `finally` (`_release`), so every exit — success, failure, cold-start timeout,
+a stop request during the start, takeover, unload, after hours, shutdown, a spare's expiry —
 ends `stopped` or `failed` with `provider.stop` done, or with the cluster handed to the runner of
-another deployment (takeover). Others never change a deployment themselves: they *ask* its
+another deployment (takeover, spare swap). Others never change a deployment themselves: they *ask* its
 runner (`request_stop`, `hand_over`, `check_engine`) and await its task.
 
 A stop that fails is retried with back-off, the deployment staying `stopping` (so `failed` and
@@ -409,8 +411,8 @@ class DeploymentRunner:
 
     def _give_spare(self, handover: _HandOver) -> bool:
         requester = handover.requester
-        self._handover = None
         if handover.future.done() or requester.done or requester.stop_request is not None:
+            self._handover = None  # still a spare, for the next cold start
             if not handover.future.done():
                 handover.future.set_exception(CapacityError(f"{requester.model} no longer needs a spare"))
             return False

@@ -4,6 +4,7 @@ swaps onto it instead of launching. $3.60 per GPU-hour ($0.001 per GPU-second)."
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 MODELS: dict[str, Any] = {
     "a": {"keep_hot_seconds": 60, "spare_seconds": 300},
     "b": {"keep_hot_seconds": 60},
+    "c": {},
     "h100": {"accelerators": ["H100"]},
     "big": {"gpus_per_replica": 2},
 }
@@ -101,6 +103,23 @@ async def test_cold_start_that_fits_swaps_onto_the_spare(tmp_path: Path, stub_ur
         [b_cold, *_] = [i for i in store.intervals() if i.model == "b"]
         assert b_cold.started_at == swap_at and b_cold.cluster == spare_ref.name
         assert [(p, s) for p, s, _ in phases(store, "b")] == [("cold", 30.0), ("idle", -1.0)]
+
+
+async def test_one_spare_goes_to_one_cold_start(tmp_path: Path, stub_url: str) -> None:
+    clock = FakeClock()
+    provider, running = gateway(tmp_path, stub_url, clock)
+    async with running as (app, client):
+        await spare_of_a(app, client, clock)
+        b, c = await asyncio.gather(
+            client.post("/v1/chat/completions", json=body("b")),
+            client.post("/v1/chat/completions", json=body("c")),
+        )
+        assert b.status_code == c.status_code == 200
+        [(_, swapped)] = provider.swaps
+        assert sorted(s.model for s in provider.launches) == sorted(
+            ["a", "c" if swapped.model == "b" else "b"]
+        )
+        assert states(app.state.store, "a") == ["stopped"]
 
 
 async def test_cold_start_that_does_not_fit_launches(tmp_path: Path, stub_url: str) -> None:
