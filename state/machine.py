@@ -11,6 +11,9 @@ class DeploymentState(StrEnum):
     LOADING = "loading"  # engine process runs, weights loading, /health not yet 200
     READY = "ready"  # serving traffic
     DRAINING = "draining"  # no new requests routed; in-flight ones finish
+    # Keep-hot time over: the cluster is kept up (engine unused) for `spare_seconds`, for a cold
+    # start of any model that fits it to swap onto instead of launching; then it is stopped.
+    SPARE = "spare"
     STOPPING = "stopping"  # provider is tearing the engine down
     STOPPED = "stopped"
     FAILED = "failed"
@@ -22,8 +25,9 @@ ALLOWED: dict[DeploymentState, frozenset[DeploymentState]] = {
     S.PENDING: frozenset({S.LAUNCHING, S.STOPPING, S.FAILED}),
     S.LAUNCHING: frozenset({S.LOADING, S.STOPPING, S.FAILED}),
     S.LOADING: frozenset({S.READY, S.STOPPING, S.FAILED}),
-    S.READY: frozenset({S.DRAINING, S.STOPPING, S.FAILED}),
+    S.READY: frozenset({S.DRAINING, S.SPARE, S.STOPPING, S.FAILED}),
     S.DRAINING: frozenset({S.STOPPING, S.FAILED}),
+    S.SPARE: frozenset({S.STOPPING, S.FAILED}),
     S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
     S.STOPPED: frozenset(),
     S.FAILED: frozenset(),

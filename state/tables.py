@@ -77,6 +77,7 @@ class Deployment(SQLModel, table=True):
     loading_at: datetime | None = _ts()
     ready_at: datetime | None = _ts()
     draining_at: datetime | None = _ts()
+    spare_at: datetime | None = _ts()
     stopping_at: datetime | None = _ts()
     stopped_at: datetime | None = _ts()
     failed_at: datetime | None = _ts()
@@ -106,8 +107,8 @@ class Event(SQLModel, table=True):
 class CostInterval(SQLModel, table=True):
     """A stretch of time one deployment held a cluster's GPUs in one phase, with its price.
 
-    Phases: cold (launching, loading), serving, idle, failed (a launch that did not become
-    ready). `ended_at` is None while the interval is open; `checked_at` is the last time a
+    Phases: cold (launching, loading), serving, idle, spare (kept up after the keep-hot time for
+    another cold start), failed (a launch that did not become ready). `ended_at` is None while the interval is open; `checked_at` is the last time a
     running gateway saw it open (used to close it after a crash)."""
 
     __tablename__ = "cost_intervals"

@@ -135,6 +135,9 @@ class LocalProvider:
     # Engines left by a crashed gateway are stopped, not adopted: their GPU slots would have
     # to be rebuilt from the store, and a fresh start is cheap locally.
     adopt_on_restart = False
+    # No spares: a slot kept with its engine unused blocks launches, and a swap onto it is a stop
+    # and a start, which is all a local cold start is.
+    keeps_spares = False
     heartbeat_interval_seconds: float | None = None  # processes have no failsafe timer
 
     def __init__(self, config: LocalConfig) -> None:
@@ -176,6 +179,11 @@ class LocalProvider:
         _require_key(spec)
         engine = self._reserve(spec)
         return await self._start(spec, engine)
+
+    def fits(self, ref: ClusterRef, spec: LaunchSpec) -> bool:
+        engine = self._engines.get(ref.deployment_id)
+        slots = engine.slots if engine else tuple(ref.data.get("gpu_ids", ()))
+        return len(slots) >= spec.gpus
 
     async def swap(self, ref: ClusterRef, spec: LaunchSpec) -> ClusterRef:
         """Stop `ref`'s engine and start `spec`'s on its GPUs. The requester holds those GPUs

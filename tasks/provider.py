@@ -122,6 +122,9 @@ class Provider(Protocol):
     name: str
     # Take back a healthy engine found after a gateway restart (else it is stopped).
     adopt_on_restart: bool
+    # Keep a cluster up as a spare after its keep-hot time, for a cold start to `swap` onto: where
+    # a swap saves the provisioning (clouds), not where it saves nothing (local GPU slots).
+    keeps_spares: bool
 
     @property
     def heartbeat_interval_seconds(self) -> float | None:
@@ -139,6 +142,11 @@ class Provider(Protocol):
 
     async def swap(self, ref: ClusterRef, spec: LaunchSpec) -> ClusterRef:
         """Replace the engine running on `ref`'s GPUs with one for `spec`."""
+        ...
+
+    def fits(self, ref: ClusterRef, spec: LaunchSpec) -> bool:
+        """Whether `swap(ref, spec)` can run `spec` on `ref`'s cluster: its GPU type is one the
+        model allows and it has enough of them. Pure (no call)."""
         ...
 
     async def probe(self, ref: ClusterRef) -> Endpoint | None:

@@ -78,6 +78,10 @@ def template() -> dict[str, Any]:
 
 
 def labels(spec: LaunchSpec, config: SkyTaskConfig) -> dict[str, str]:
+    """The cluster's labels. SkyPilot fixes them when it provisions the cluster (`sky status`
+    reads them from the handle's launched resources; an `exec` onto it cannot change them), so
+    after a swap, and while a cluster is a spare, they still name the deployment it was launched
+    for: the gateway's /admin/clusters says who holds it now."""
     return {
         **config.extra_labels,
         LABEL_MANAGED_BY: MANAGED_BY,

@@ -122,6 +122,7 @@ def _require(spec: LaunchSpec) -> None:
 class SkyPilotProvider:
     name = "skypilot"
     adopt_on_restart = True  # clusters outlive the gateway: a healthy one is taken back
+    keeps_spares = True  # a swap onto a live cluster skips provisioning and setup
 
     def __init__(self, client: SkyClient, config: SkyPilotConfig | None = None) -> None:
         self.client = client
@@ -216,7 +217,7 @@ class SkyPilotProvider:
         keeps the cluster's price (the whole cluster is billed, whatever runs on it)."""
         _require(spec)
         accelerators = dict(ref.data.get("accelerators") or {})
-        fitting = [name for name, count in accelerators.items() if count >= spec.gpus]
+        fitting = _fitting(accelerators, spec)
         if not fitting:
             raise CapacityError(f"{ref.name} has {accelerators or 'no GPUs'}; {spec.model} needs {spec.gpus}")
         old_job = ref.data.get("job_id")
@@ -251,6 +252,9 @@ class SkyPilotProvider:
             },
             engine_key=spec.engine_key,
         )
+
+    def fits(self, ref: ClusterRef, spec: LaunchSpec) -> bool:
+        return bool(_fitting(dict(ref.data.get("accelerators") or {}), spec))
 
     async def heartbeat(self, ref: ClusterRef) -> None:
         """Re-arm the failsafe autodown: the cluster goes down `failsafe_minutes` from now unless
@@ -421,6 +425,15 @@ class SkyPilotProvider:
         except Exception as exc:
             if not _is_missing(exc):
                 log.error("cluster %s: down after a failed launch failed: %s", name, _first_line(exc))
+
+
+def _fitting(accelerators: dict[str, int], spec: LaunchSpec) -> list[str]:
+    """The cluster's GPU types that can run `spec`: enough of them, and allowed by the model."""
+    return [
+        name
+        for name, count in accelerators.items()
+        if count >= spec.gpus and (not spec.accelerators or name in spec.accelerators)
+    ]
 
 
 def _status(record: Any) -> str:

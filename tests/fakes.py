@@ -30,6 +30,7 @@ class FakeProvider:
     ready_error: Exception | None = None
     name: str = "fake"
     adopt_on_restart: bool = False
+    keeps_spares: bool = False
     heartbeat_interval_seconds: float | None = None
     healthy: bool = True  # what probe() answers for running engines
     capacity_gpus: int | None = None  # launches past this many GPUs in use raise CapacityError
@@ -82,6 +83,11 @@ class FakeProvider:
         self.swaps.append((ref, spec))
         self.running.pop(ref.deployment_id, None)
         return self._start(spec, ref.name, ref.gpus)  # same cluster, same GPUs
+
+    def fits(self, ref: ClusterRef, spec: LaunchSpec) -> bool:
+        accel = ref.data.get("accelerators") or {}
+        allowed = not spec.accelerators or not accel or bool(set(spec.accelerators) & set(accel))
+        return ref.gpus >= spec.gpus and allowed
 
     async def probe(self, ref: ClusterRef) -> Endpoint | None:
         return (

@@ -36,9 +36,10 @@ PHASE_OF_STATE: dict[DeploymentState, str | None] = {
     S.LOADING: "cold",
     S.READY: "idle",  # until the reaper sees traffic
     S.DRAINING: "serving",  # finishing requests in flight
+    S.SPARE: "spare",  # kept up after its keep-hot time for another cold start: priced like idle
     S.STOPPING: None,  # stays in the phase it was in until the engine is gone
 }
-PHASES = ("cold", "serving", "idle", "failed")
+PHASES = ("cold", "serving", "idle", "spare", "failed")
 
 
 class PriceBook:
@@ -192,7 +193,7 @@ class Ledger:
         """Resume the ledger of a deployment adopted after a gateway restart."""
         self._phase[deployment_id] = phase
         self._start[deployment_id] = started
-        if phase in ("serving", "idle"):
+        if phase in ("serving", "idle", "spare"):
             self._was_ready.add(deployment_id)
         self._price[deployment_id] = (cluster, gpus, price)
 

@@ -255,12 +255,12 @@ def _cost_families(
 ) -> Iterator[CounterMetricFamily]:
     cost = CounterMetricFamily(
         "llmgw_cost_dollars",
-        "Dollars spent on GPUs by model and phase (cold, serving, idle, failed).",
+        "Dollars spent on GPUs by model and phase (cold, serving, idle, spare, failed).",
         labels=["model", "phase"],
     )
     gpu_seconds = CounterMetricFamily(
         "llmgw_gpu_seconds",
-        "GPU-seconds held by model and phase (cold, serving, idle, failed).",
+        "GPU-seconds held by model and phase (cold, serving, idle, spare, failed).",
         labels=["model", "phase"],
     )
     zeros = {(model, phase): (0.0, 0.0) for model in known for phase in PHASES}

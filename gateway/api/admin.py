@@ -188,10 +188,11 @@ async def info(settings: SettingsDep, catalog: CatalogDep, controller: Controlle
 @router.get(
     "/clusters",
     summary="Clusters",
-    description="The provider's view of its engines, like `sky status` for our clusters.",
+    description="The provider's view of its engines, like `sky status` for our clusters, with the "
+    "deployment holding each now and its state (`spare`: kept up for a cold start to swap onto).",
 )
 async def clusters(controller: ControllerDep) -> list[ClusterOut]:
-    return cluster_rows(await controller.provider.list(controller.ctx.instance_id))
+    return cluster_rows(await controller.provider.list(controller.ctx.instance_id), controller)
 
 
 @router.get(
@@ -219,8 +220,8 @@ COSTS_CSV_DOC: dict[int | str, dict[str, Any]] = {
         "content": {
             "text/csv": {
                 "schema": {"type": "string"},
-                "example": "model,dollars,gpu_hours,cold_dollars,serving_dollars,idle_dollars,failed_dollars\n"
-                "tiny-llama,1.25,1.25,0.1,0.9,0.25,0.0\n",
+                "example": "model,dollars,gpu_hours,cold_dollars,serving_dollars,idle_dollars,spare_dollars,"
+                "failed_dollars\ntiny-llama,1.3,1.3,0.1,0.9,0.25,0.05,0.0\n",
             }
         }
     }
@@ -232,7 +233,8 @@ COSTS_CSV_DOC: dict[int | str, dict[str, Any]] = {
     summary="Costs",
     description="GPU cost from the ledger, grouped by model, UTC day, cluster, phase, client API key or the "
     "keys' team, with the dollars of each phase: cold (launching and loading), serving, idle (kept hot "
-    "without traffic) and failed (launches that never became ready). By key: a start is the starting key's "
+    "without traffic), spare (kept up after the keep-hot time for another cold start to swap onto) and "
+    "failed (launches that never became ready). By key: a start is the starting key's "
     "(`admin` for loads and pre-warms), serving and idle time of a model's day is split by the tokens each key "
     "used on it that day; `-` is time nobody can be named for. `format=csv` answers CSV. Default range: the last 7 days; an empty range has "
     "no rows. Times are ISO 8601; a date alone is its midnight, and a time without a zone is UTC.",

@@ -3,7 +3,7 @@ them from the controller (no routing here). Field examples are what Swagger show
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
@@ -49,10 +49,20 @@ class ReplicaOut(Out):
 
 class ModelStatus(Out):
     id: str = Field(examples=[MODEL_ID])
-    state: str = Field(description="`stopped`, `pending` ... `ready`, or `external`.", examples=["ready"])
+    state: str = Field(
+        description="`stopped`, `pending` ... `ready`, `spare` (its cluster kept for another cold start), "
+        "or `external`.",
+        examples=["ready"],
+    )
     priority: int = Field(description="Effective priority (admin override or file).", examples=[1])
     reference_priority: int = Field(description="The reference file's priority.", examples=[0])
     keep_hot_seconds: float = Field(examples=[600])
+    spare_seconds: float = Field(
+        description="How long its cluster stays up as a spare after the keep-hot time (0: off).", examples=[0]
+    )
+    spare_until: Time | None = Field(
+        None, description="While its cluster is a spare: when it is stopped unless claimed.", examples=[None]
+    )
     gpus_per_replica: int = Field(examples=[1])
     kind: str = Field(examples=["chat"])
     external: bool = Field(description="Served by an endpoint the gateway does not run.", examples=[False])
@@ -99,8 +109,21 @@ class InfoOut(Out):
 class ClusterOut(Out):
     name: str = Field(examples=["llmgw-tiny-llama-1a2b3c4d"])
     status: str = Field(examples=["UP"])
-    deployment_id: str | None = Field(examples=["3f2a9c1b7e4d"])
+    deployment_id: str | None = Field(
+        description="The deployment it was launched for (its label).", examples=["3f2a9c1b7e4d"]
+    )
     model: str | None = Field(examples=["tiny-llama"])
+    held_by: str | None = Field(
+        None,
+        description="The deployment holding it now (after a takeover or a spare swap, not the one it was "
+        "launched for); null: none of this gateway's.",
+        examples=["3f2a9c1b7e4d"],
+    )
+    state: str | None = Field(
+        None,
+        description="That deployment's state: `ready`, `spare` (kept for a cold start), ...",
+        examples=["spare"],
+    )
 
 
 class EventOut(Out):
@@ -128,6 +151,9 @@ class CostRow(Out):
     cold_dollars: float = Field(description="Launching and loading.", examples=[0.1])
     serving_dollars: float = Field(examples=[0.9])
     idle_dollars: float = Field(description="Kept hot without traffic.", examples=[0.25])
+    spare_dollars: float = Field(
+        description="Clusters kept up as spares after their keep-hot time.", examples=[0.05]
+    )
     failed_dollars: float = Field(description="Launches that never became ready.", examples=[0.0])
 
 
@@ -183,12 +209,16 @@ def model_status(spec: ModelSpec, catalog: Catalog, controller: Controller) -> M
     failure = controller.failure(spec.id)
     reference = catalog.reference.get(spec.id)
     keep_hot = spec.keep_hot_seconds
+    spare = spec.spare_seconds if spec.spare_seconds is not None else controller.settings.spare_seconds
+    spare_at = live.spare_at if live is not None and live.state.value == "spare" else None
     return ModelStatus(
         id=spec.id,
         state="external" if spec.external else controller.phase(spec.id),
         priority=spec.priority,
         reference_priority=reference.priority if reference else 0,
         keep_hot_seconds=keep_hot if keep_hot is not None else controller.settings.keep_hot_seconds,
+        spare_seconds=spare,
+        spare_until=spare_at + timedelta(seconds=spare) if spare_at is not None else None,
         gpus_per_replica=spec.gpus_per_replica,
         kind=spec.kind,
         external=spec.external,
@@ -228,16 +258,22 @@ def settings_view(settings: Settings) -> dict[str, Any]:
     return settings.model_dump(mode="json")
 
 
-def cluster_rows(infos: list[ClusterInfo]) -> list[ClusterOut]:
-    return [
-        ClusterOut(
-            name=i.ref.name,
-            status=i.status,
-            deployment_id=i.ref.deployment_id or None,
-            model=i.model or i.ref.data.get("model") or i.ref.data.get("model_slug"),
+def cluster_rows(infos: list[ClusterInfo], controller: Controller) -> list[ClusterOut]:
+    holders = {r.ref.name: r for r in controller.runners() if r.ref is not None and not r.done}
+    rows = []
+    for i in infos:
+        holder = holders.get(i.ref.name)
+        rows.append(
+            ClusterOut(
+                name=i.ref.name,
+                status=i.status,
+                deployment_id=i.ref.deployment_id or None,
+                model=i.model or i.ref.data.get("model") or i.ref.data.get("model_slug"),
+                held_by=holder.id if holder else None,
+                state=holder.state.value if holder else None,
+            )
         )
-        for i in infos
-    ]
+    return rows
 
 
 def event_rows(events: list[Event]) -> list[EventOut]:

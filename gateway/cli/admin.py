@@ -201,7 +201,7 @@ def costs(
     csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
 ) -> None:
     """GPU cost by model, day, cluster, phase, client API key or team, split into cold, serving,
-    idle and failed."""
+    idle, spare and failed."""
     target: Target = ctx.obj
     params = {k: v for k, v in {"group_by": group_by, "since": since, "until": until}.items() if v}
     if csv:
@@ -215,6 +215,7 @@ def costs(
         "cold_dollars",
         "serving_dollars",
         "idle_dollars",
+        "spare_dollars",
         "failed_dollars",
     ]
     target.show(rows, columns)

@@ -68,6 +68,9 @@ class ModelSpec(BaseModel):
     gpus_per_replica: int = Field(1, ge=1, le=64)
     priority: int = Field(0, ge=0, le=100)
     keep_hot_seconds: float | None = Field(None, ge=0)
+    # After the keep-hot time, keep the cluster up this long as a spare that a cold start of any
+    # model that fits it swaps onto (providers that can swap only); None: the setting's value.
+    spare_seconds: float | None = Field(None, ge=0)
     accelerators: tuple[str, ...] | None = None
     engine_args: Annotated[tuple[str, ...], BeforeValidator(_split_args)] = ()
     kind: Literal["chat", "completion", "embedding"] = "chat"

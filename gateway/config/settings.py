@@ -222,6 +222,12 @@ class Settings(BaseSettings):
     )
     hf_token: SecretStr | None = Field(None, description="Hugging Face token handed to engines as a secret.")
     keep_hot_seconds: float = Field(600.0, ge=0)
+    spare_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="After the keep-hot time, how long a cluster stays up as a spare for another model's "
+        "cold start to swap onto (SkyPilot only); 0: off. A model's own `spare_seconds` wins.",
+    )
     cold_start_timeout_seconds: float = Field(900.0, gt=0)
     max_waiting_requests: int = Field(512, ge=0, description="Requests waiting for a cold model, per model.")
     allow_unlisted_models: bool = False

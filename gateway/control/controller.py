@@ -186,6 +186,8 @@ class Controller:
             in_flight=self.ctx.activity.in_flight_of(runner.id),
             gpus=ref.gpus if ref else spec.gpus_per_replica,
             accelerators=tuple(ref.data.get("accelerators") or ()) if ref else (),
+            spare_seconds=runner.spare_seconds,
+            spare_since=runner.spare_at,
             replicas=serving.get(runner.model, 0),
         )
 
@@ -387,6 +389,9 @@ class Controller:
     async def take_over(self, runner: DeploymentRunner, exc: CapacityError) -> ClusterRef:
         return await self._takeover.take_over(runner, exc, self._views())
 
+    async def claim_spare(self, runner: DeploymentRunner) -> ClusterRef | None:
+        return await self._takeover.claim_spare(runner, self._views())
+
     def remember_failure(self, runner: DeploymentRunner, error: str) -> None:
         self.failures[runner.model] = Failure(
             model=runner.model, error=error, at=self.ctx.clock(), deployment_id=runner.id
@@ -404,14 +409,16 @@ class Controller:
 
     # -- taking models down -----------------------------------------------------------------
 
-    def stop_deployment(self, deployment_id: str, *, kind: str, reason: str, force: bool = False) -> bool:
+    def stop_deployment(
+        self, deployment_id: str, *, kind: str, reason: str, force: bool = False, spare: bool = False
+    ) -> bool:
         """Ask a deployment to stop; False if there is none or (without `force`) it has requests
         in flight. It takes no new request from this moment on; with `force`, requests in flight
-        get `drain_seconds`."""
+        get `drain_seconds`; with `spare`, its cluster may stay up as a spare first."""
         runner = self._runners.get(deployment_id)
         if runner is None or (not force and self.ctx.activity.in_flight_of(deployment_id) > 0):
             return False
-        return runner.request_stop(StopRequest(kind, reason, drain=force))
+        return runner.request_stop(StopRequest(kind, reason, drain=force, spare=spare))
 
     async def stop_model(self, model: str, *, kind: str, reason: str) -> bool:
         """Stop every deployment of `model`, whatever it is doing; True if there was one."""
@@ -435,10 +442,10 @@ class Controller:
             runner.check_engine(reason)
 
     async def settle(self) -> None:
-        """Wait until every deployment asked to stop, or ending, has ended, and what they
-        wrote is in the store (for the reaper, shutdown and tests)."""
-        while ending := [r.task for r in self._runners.values() if r.stop_request is not None or r.done]:
-            await asyncio.wait(ending)
+        """Wait until every deployment asked to stop, or ending, has ended or become a spare,
+        and what they wrote is in the store (for the reaper, shutdown and tests)."""
+        while ending := [r for r in self._runners.values() if r.stop_request is not None or r.done]:
+            await asyncio.gather(*(r.stopped_or_spare() for r in ending))
         await self.ctx.ledger.drain()
         await self.ctx.writer.barrier()
 

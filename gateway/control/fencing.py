@@ -34,6 +34,7 @@ class FencedProvider:
         self._held = held
         self.name = inner.name
         self.adopt_on_restart = inner.adopt_on_restart
+        self.keeps_spares = inner.keeps_spares
 
     @property
     def heartbeat_interval_seconds(self) -> float | None:
@@ -50,6 +51,9 @@ class FencedProvider:
     async def swap(self, ref: ClusterRef, spec: LaunchSpec) -> ClusterRef:
         self._check(f"swap of {ref.name}")
         return await self.inner.swap(ref, spec)
+
+    def fits(self, ref: ClusterRef, spec: LaunchSpec) -> bool:
+        return self.inner.fits(ref, spec)
 
     async def stop(self, ref: ClusterRef) -> None:
         self._check(f"stop of {ref.name}")

@@ -29,6 +29,8 @@ class DeploymentView:
     in_flight: int = 0
     gpus: int = 1
     accelerators: tuple[str, ...] = ()  # GPU types of the cluster it runs on; () = unknown / local slots
+    spare_seconds: float = 0.0  # how long it stays up as a spare once its keep-hot time is over
+    spare_since: datetime | None = None  # when it became a spare (state SPARE)
     replicas: int = 1  # ready replicas of its model serving now (this one included if serving)
 
     @property
@@ -43,6 +45,7 @@ class StopAction:
     model: str
     kind: str  # the event kind: idle-stop, ...
     reason: str
+    spare: bool = False  # the cluster may stay up as a spare first (its model's spare_seconds)
 
 
 def idle_seconds(view: DeploymentView, now: datetime) -> float:
@@ -68,19 +71,53 @@ def idle_stops(views: Iterable[DeploymentView], now: datetime) -> list[StopActio
                     model=view.model,
                     kind="idle-stop",
                     reason=f"idle {idle:.0f}s > keep_hot_seconds {view.keep_hot_seconds:g}",
+                    spare=view.spare_seconds > 0,
                 )
             )
     return actions
 
 
+def spare_expiries(views: Iterable[DeploymentView], now: datetime) -> list[StopAction]:
+    """Spares kept longer than their `spare_seconds`: stopped."""
+    actions = []
+    for view in views:
+        if view.state is not DeploymentState.SPARE or view.spare_since is None:
+            continue
+        kept = (now - view.spare_since).total_seconds()
+        if kept > view.spare_seconds:
+            actions.append(
+                StopAction(
+                    deployment_id=view.deployment_id,
+                    model=view.model,
+                    kind="spare-expired",
+                    reason=f"spare for {kept:.0f}s > spare_seconds {view.spare_seconds:g}",
+                )
+            )
+    return actions
+
+
+def choose_spare(views: Iterable[DeploymentView], model: str) -> DeploymentView | None:
+    """Of the spares that fit a cold start of `model` (the provider said so), the one to swap
+    onto: the model's own, else the one closest to its expiry."""
+    spares = [(v, v.spare_since) for v in views if v.state is DeploymentState.SPARE and v.spare_since]
+    if not spares:
+        return None
+    return min(spares, key=lambda s: (s[0].model != model, s[1] + timedelta(seconds=s[0].spare_seconds)))[0]
+
+
+_HOLDING = frozenset(
+    {DeploymentState.LOADING, DeploymentState.READY, DeploymentState.DRAINING, DeploymentState.SPARE}
+)
+
+
 def heartbeats_due(
     views: Iterable[DeploymentView], last_beat: Mapping[str, datetime], now: datetime, interval_seconds: float
 ) -> list[str]:
-    """Deployments holding an engine (loading, ready or draining) whose last failsafe heartbeat
+    """Deployments holding an engine (loading, ready, draining or spare) whose last failsafe heartbeat
     is at least `interval_seconds` old (or never sent)."""
     due = []
     for view in views:
-        if view.state not in (DeploymentState.LOADING, DeploymentState.READY, DeploymentState.DRAINING):
+        if view.state not in _HOLDING:
             continue
         last = last_beat.get(view.deployment_id)
         if last is None or (now - last).total_seconds() >= interval_seconds:
@@ -192,7 +229,7 @@ def after_hours_stops(
     views: Iterable[DeploymentView], schedule: Schedule | None, since: datetime, now: datetime
 ) -> list[StopAction]:
     """At each firing of the after-hours schedule, every live deployment is stopped, pinned
-    ones included."""
+    ones and spares included."""
     if schedule is None or not cron_fired(schedule.cron, schedule.timezone, since, now):
         return []
     return [
@@ -209,6 +246,7 @@ def after_hours_stops(
             DeploymentState.LAUNCHING,
             DeploymentState.LOADING,
             DeploymentState.READY,
+            DeploymentState.SPARE,
         )
     ]
 

@@ -24,6 +24,7 @@ from gateway.control.policies import (
     cron_fired,
     idle_stops,
     prewarm_due,
+    spare_expiries,
 )
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,9 @@ class Reaper:
                 self._spawn(self.controller.stop_model(model, kind=kind, reason=reason))
             applied.extend(after_hours)
         else:
-            for action in idle_stops(views, now):
+            for action in [*idle_stops(views, now), *spare_expiries(views, now)]:
                 if self.controller.stop_deployment(
-                    action.deployment_id, kind=action.kind, reason=action.reason
+                    action.deployment_id, kind=action.kind, reason=action.reason, spare=action.spare
                 ):
                     log.info("%s: %s (%s)", action.model, action.kind, action.reason)
                     applied.append(action)

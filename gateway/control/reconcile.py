@@ -2,7 +2,8 @@
 provider has running now.
 
 - a deployment whose engine is still there: adopted when healthy and the provider adopts
-  (SkyPilot clusters), else stopped;
+  (SkyPilot clusters), else stopped; a spare is stopped (its spare time is not resumed: it is
+  an optimisation, and a stop is the safe end);
 - a deployment whose engine vanished: marked stopped;
 - an engine carrying our label that the store does not know (SkyPilot): downed, or adopted
   when `reconcile_unknown` is `adopt` and its model is in the reference file.

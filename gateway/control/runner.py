@@ -1,11 +1,16 @@
 """One runner per deployment: the single owner of a deployment's lifecycle.
 
 A `DeploymentRunner` is one task that takes a deployment from `pending` to a terminal state:
-launch (or take over a lower-priority model's cluster), wait until ready, serve, wait for a stop
-request, drain, stop. Cleanup is in one `finally` (`_release`), so every exit — success, failure,
-cold-start timeout, a stop request during the start, takeover, unload, after hours, shutdown —
+launch (or swap onto a spare cluster, or take over a lower-priority model's cluster), wait until
+ready, serve, wait for a stop request, drain, stop. After an idle stop, where the provider keeps
+spares and `spare_seconds` is set, the runner first keeps its cluster as a spare (state `spare`):
+it waits the same way, for a cold start that fits to ask for the cluster (a hand-over, as in a
+takeover) or for a stop request (the spare's time is over, after hours, shutdown).
+
+Cleanup is in one `finally` (`_release`), so every exit — success, failure, cold-start timeout,
+a stop request during the start, takeover, unload, after hours, shutdown, a spare's expiry —
 ends `stopped` or `failed` with `provider.stop` done, or with the cluster handed to the runner of
-another deployment (takeover). Others never change a deployment themselves: they *ask* its
+another deployment (takeover, spare swap). Others never change a deployment themselves: they *ask* its
 runner (`request_stop`, `hand_over`, `check_engine`) and await its task.
 
 A stop that fails is retried with back-off, the deployment staying `stopping` (so `failed` and
@@ -51,6 +56,7 @@ class StopRequest:
     reason: str
     drain: bool = True  # requests in flight get drain_seconds
     failed: bool = False  # the deployment ends `failed` (its engine died)
+    spare: bool = False  # an idle stop: the cluster may stay up as a spare first
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,8 @@ class RunnerOwner(Protocol):
     def closing(self) -> bool: ...
 
     async def take_over(self, runner: DeploymentRunner, exc: CapacityError) -> ClusterRef: ...
+
+    async def claim_spare(self, runner: DeploymentRunner) -> ClusterRef | None: ...
 
     def remember_failure(self, runner: DeploymentRunner, error: str) -> None: ...
 
@@ -125,6 +133,7 @@ class DeploymentRunner:
         self.endpoint: Endpoint | None = None
         self.started_at = ctx.clock()
         self.ready_at: datetime | None = None
+        self.spare_at: datetime | None = None  # when it became a spare
         self.stop_request: StopRequest | None = None
         self.handed_over_to: str | None = None
         self.fenced = False
@@ -140,6 +149,10 @@ class DeploymentRunner:
         self._adoption = adoption
         self._previous = [r for r in previous if not r.task.done()]
         self._waiting_previous = False
+        # Set once it holds nothing a later start of its model must wait for: it ended, or it is a
+        # spare (a cluster of its own, which that start may even swap onto).
+        self.let_go = asyncio.Event()
+        self._rests = asyncio.Event()  # a spare with no stop asked for (see stopped_or_spare)
         self._wake = asyncio.Event()
         self._handover: _HandOver | None = None
         self._op: asyncio.Task[None] | None = None
@@ -153,6 +166,7 @@ class DeploymentRunner:
         if adoption is not None and adoption.endpoint is not None:
             self._adopted_ready(adoption.endpoint)  # serves from this moment, not from the task's first step
         self.task = asyncio.create_task(self.run(), name=f"deployment {deployment_id} ({spec.id})")
+        self.task.add_done_callback(lambda _: self.let_go.set())
 
     # -- what others may ask ----------------------------------------------------------------
 
@@ -180,6 +194,24 @@ class DeploymentRunner:
         """Coming up, and new requests may wait for it."""
         return self.state in _STARTING and self.stop_request is None and not self.done
 
+    @property
+    def claimable(self) -> bool:
+        """A spare no one has asked for yet, and not asked to stop."""
+        return (
+            self.state is S.SPARE
+            and self.stop_request is None
+            and self._handover is None
+            and not self.done
+            and self.ref is not None
+            and self.spare_at is not None
+        )
+
+    @property
+    def spare_seconds(self) -> float:
+        """How long it stays up as a spare after an idle stop (the model's value, else the setting's)."""
+        spec = self.ctx.catalog.resolve(self.model) or self.spec
+        return spec.spare_seconds if spec.spare_seconds is not None else self.ctx.settings.spare_seconds
+
     def route(self) -> Route:
         assert self.endpoint is not None
         return Route(
@@ -195,6 +227,7 @@ class DeploymentRunner:
         if self.stop_request is not None or self.done:
             return False
         self.stop_request = request
+        self._rests.clear()
         if request.kind not in ("evicted", "engine-failed"):  # those write their own events
             self._event(request.kind, request.reason)  # when decided, not when done
         if self._op is not None and not self._op.done():
@@ -203,7 +236,8 @@ class DeploymentRunner:
         return True
 
     def hand_over(self, requester: DeploymentRunner) -> asyncio.Future[ClusterRef]:
-        """Ask a serving runner to drain and give its cluster to `requester` (a takeover)."""
+        """Ask a serving runner to drain and give its cluster to `requester` (a takeover), or a
+        spare to give its cluster at once."""
         future: asyncio.Future[ClusterRef] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieve)
         self._handover = _HandOver(requester, future)
@@ -228,6 +262,14 @@ class DeploymentRunner:
         if self.serving and not self._checking:
             self._checking = True
             self._spawn(self._check(reason))
+
+    async def stopped_or_spare(self) -> None:
+        """Until the runner has ended, or rests as a spare (for `Controller.settle`)."""
+        rests = asyncio.ensure_future(self._rests.wait())
+        try:
+            await asyncio.wait({self.task, rests}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            rests.cancel()
 
     def abandon(self) -> None:
         """This process lost the controller lease: stop at once, touching nothing."""
@@ -319,6 +361,9 @@ class DeploymentRunner:
         await self._became_ready(endpoint)
 
     async def _launch(self) -> ClusterRef:
+        ref = await self.owner.claim_spare(self)
+        if ref is not None:
+            return ref
         try:
             return await self.ctx.provider.launch(self.launch_spec)
         except CapacityError as exc:
@@ -327,10 +372,10 @@ class DeploymentRunner:
     async def _wait_previous(self) -> None:
         """The model's previous engines must release their GPUs first (under the cold-start
         timeout, like the rest of the start)."""
-        pending = [r.task for r in self._previous if not r.task.done()]
+        pending = [r.let_go for r in self._previous if not r.let_go.is_set()]
         if pending:
             self._waiting_previous = True
-            await asyncio.wait(pending)
+            await asyncio.gather(*(event.wait() for event in pending))
             self._waiting_previous = False
 
     async def _became_ready(self, endpoint: Endpoint) -> None:
@@ -363,19 +408,50 @@ class DeploymentRunner:
         self.ready.set_result(self.route())
 
     async def _serve(self) -> None:
-        """Serve until a stop is requested or the cluster is handed over; then drain."""
-        while self.stop_request is None:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._handover is not None and await self._give_away(self._handover):
-                return
-        if self.stop_request.drain and self.ctx.activity.in_flight_of(self.id) > 0:
+        """Serve until a stop is requested or the cluster is handed over; then drain. An idle
+        stop may make it a spare first, which waits the same way."""
+        while True:
+            while self.stop_request is None:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._handover is not None and await self._give_away(self._handover):
+                    return
+            if not await self._keep_as_spare():
+                break
+        request = self.stop_request
+        assert request is not None
+        if request.drain and self.state is S.READY and self.ctx.activity.in_flight_of(self.id) > 0:
             await self._move(S.DRAINING)
             await self.ctx.activity.wait_idle(self.id, self.ctx.settings.drain_seconds)
 
+    async def _keep_as_spare(self) -> bool:
+        """After an idle stop, keep the cluster up as a spare (engine left as it is: the swap of
+        whoever claims it replaces it); True if it became one."""
+        request, seconds = self.stop_request, self.spare_seconds
+        if request is None or not request.spare or self.state is not S.READY or seconds <= 0:
+            return False
+        if not self.ctx.provider.keeps_spares or self.owner.closing or self.ref is None:
+            return False
+        try:
+            await self._move(S.SPARE)
+        except Exception as exc:  # a store error: stopped as it would have been without spares
+            log.warning("deployment %s of %s: cannot become a spare: %s", self.id, self.model, exc)
+            return False
+        self.spare_at = self.ctx.clock()
+        self.stop_request = None
+        self.let_go.set()
+        self._rests.set()
+        self._event(
+            "spare", f"{self.ref.name} kept as a spare for {seconds:g}s for a cold start that fits it"
+        )
+        return True
+
     async def _give_away(self, handover: _HandOver) -> bool:
-        """Drain, then hand the cluster to the requester if it still wants it; True if handed."""
+        """Drain, then hand the cluster to the requester if it still wants it; True if handed.
+        A spare hands it at once, and stays a spare if the requester has gone."""
         requester = handover.requester
+        if self.state is S.SPARE:
+            return await self._give_spare(handover)
         await self._move(S.DRAINING)
         self._event("evicted", f"evicted by {requester.model} (priority {requester.spec.priority})")
         await self.ctx.activity.wait_idle(self.id, self.ctx.settings.drain_seconds)
@@ -384,14 +460,33 @@ class DeploymentRunner:
                 "evicted", f"{requester.model} no longer needs the cluster", drain=False
             )
             return False
+        return await self._hand(handover)
+
+    async def _give_spare(self, handover: _HandOver) -> bool:
+        requester = handover.requester
+        if handover.future.done() or requester.done or requester.stop_request is not None:
+            self._handover = None  # still a spare, for the next cold start
+            if not handover.future.done():
+                handover.future.set_exception(CapacityError(f"{requester.model} no longer needs a spare"))
+            return False
+        self._event("spare-claimed", f"claimed by {requester.model} (deployment {requester.id})")
+        return await self._hand(handover)
+
+    async def _hand(self, handover: _HandOver) -> bool:
+        """The hand-over itself: the requester's row names the cluster first, then it owns it.
+        False if that cannot be written or the requester ended meanwhile: this runner keeps the
+        cluster and stops it."""
         assert self.ref is not None
+        requester = handover.requester
         self._cancel_children()
         try:
             await requester.receive_cluster(self.ref)
-        except Exception as exc:  # the requester's row cannot name it, or it is gone: keep it
+        except Exception as exc:
             self.stop_request = StopRequest(
                 "evicted", f"handover to {requester.model} failed: {exc}", drain=False
             )
+            if not handover.future.done():
+                handover.future.set_exception(CapacityError(f"hand-over to {requester.model} failed"))
             return False
         self.handed_over_to = requester.model
         handover.future.set_result(self.ref)

@@ -85,7 +85,7 @@ async def test_launch_ready_serve_idle_stop(tmp_path: Path, stub_url: str) -> No
         csv = (await client.get("/admin/costs", headers=AUTH, params={"format": "csv"})).text
         assert (
             csv.splitlines()[0]
-            == "model,dollars,gpu_hours,cold_dollars,serving_dollars,idle_dollars,failed_dollars"
+            == "model,dollars,gpu_hours,cold_dollars,serving_dollars,idle_dollars,spare_dollars,failed_dollars"
         )
         assert csv.splitlines()[1].startswith("big,1.46,")
 
@@ -113,6 +113,7 @@ async def test_failed_launch_is_failed_time_and_no_capacity_is_free(tmp_path: Pa
                 "cold_dollars": 0.0,
                 "serving_dollars": 0.0,
                 "idle_dollars": 0.0,
+                "spare_dollars": 0.0,
                 "failed_dollars": 0.03,
             }
         ]

@@ -165,3 +165,33 @@ async def test_each_replica_is_its_own_cluster(tmp_path: Path, chat_stub: str) -
         assert {r["cluster"] for r in rows} == names
         [model] = (await http.get("/admin/costs", headers=auth, params={"group_by": "model"})).json()
         assert model["dollars"] > 0 and model["dollars"] == pytest.approx(sum(r["dollars"] for r in rows))
+
+
+async def test_a_cold_start_swaps_onto_a_spare_cluster_without_a_launch(
+    tmp_path: Path, chat_stub: str
+) -> None:
+    """A real SkyPilotProvider (fake SkyClient): after chat's keep-hot time its cluster stays up as
+    a spare; other's cold start cancels chat's vLLM job and execs its own on it — no launch."""
+    clock, client = FakeClock(), FakeSkyClient(endpoint=chat_stub.removeprefix("http://"))
+    models = {"org/chat": {}, "org/other": {"accelerators": ["A10G", "L4"]}}
+    settings = make_settings(tmp_path, models, keep_hot_seconds=60, spare_seconds=600)
+    with serve_in_thread(make_app("org/other")) as other_stub:
+        async with running_gateway(settings, SkyPilotProvider(client, CONFIG), clock) as (app, http):
+            reaper = app.state.reaper
+            reaper.last_tick = clock()
+            assert (await http.post("/v1/chat/completions", json=CHAT_BODY)).status_code == 200
+            [name] = client.clusters
+            await reaper.tick(clock.advance(61))
+            await reaper.settle()
+            assert app.state.controller.phase("org/chat") == "spare"
+            assert not [c for c in client.calls if c[0] == "down"]
+            client.clusters[name].endpoint = other_stub.removeprefix("http://")  # the new job's engine
+            other = await http.post("/v1/chat/completions", json={**CHAT_BODY, "model": "org/other"})
+            assert other.status_code == 200
+            assert [c[1] for c in client.calls if c[0] == "launch"] == [name]
+            assert ("cancel", name, (1,)) in client.calls and ("exec", name) in client.calls
+            assert list(client.clusters) == [name]
+            store = app.state.store
+            assert [d.state for d in store.deployments(model="org/chat")] == ["stopped"]
+            assert [d.cluster for d in store.deployments(model="org/other")] == [name]
+        assert ("down", name) in client.calls  # shutdown downs what other holds

@@ -53,13 +53,19 @@ def in_flight(app: FastAPI, model: str) -> int:
     return controller(app).activity.in_flight(model)
 
 
-def effective(app: FastAPI, model: str) -> tuple[int, float] | None:
-    """(priority, keep_hot_seconds) the controller applies to `model` now; None if unknown."""
+def effective(app: FastAPI, model: str) -> tuple[int, float, float] | None:
+    """(priority, keep_hot_seconds, spare_seconds) the controller applies to `model` now; None
+    if unknown."""
     spec = app.state.catalog.resolve(model)
     if spec is None:
         return None
-    keep = spec.keep_hot_seconds
-    return spec.priority, keep if keep is not None else app.state.settings.keep_hot_seconds
+    settings = app.state.settings
+    keep, spare = spec.keep_hot_seconds, spec.spare_seconds
+    return (
+        spec.priority,
+        keep if keep is not None else settings.keep_hot_seconds,
+        spare if spare is not None else settings.spare_seconds,
+    )
 
 
 def lease_holder_id(app: FastAPI) -> str:

@@ -10,7 +10,8 @@
 - queue-full: 503 queue_full only when max_waiting_requests clients really wait;
 - client-error / admin-error: a request ends with a route or an OpenAI error (a GatewayError;
   admin calls: an envelope), never a bare exception;
-- idle-billing: no engine billed idle past its keep-hot time (pinned ones excepted);
+- idle-billing: no engine billed idle past its keep-hot time, plus its spare time for a model
+  with `spare_seconds` (pinned ones excepted);
 - after-hours: what ran at an after-hours firing is gone by the deadline below (when one lease
   holder saw the firing and stayed up);
 - ledger-overlap / ledger-sum: per cluster, cost intervals do not overlap and add up to the time
@@ -28,6 +29,7 @@ Slack, and why (all virtual seconds, see plan.py for the values):
   answered once it returns; STOP_MAX is the longest stop without a fault), and two reaper ticks
   for starts the reaper makes (pre-warm);
 - an idle engine goes within its keep-hot time + TICK (the reaper sees it) + STOP_MAX + TICK;
+  one kept as a spare within that + its spare time + TICK (the tick that sees it expire);
 - after an after-hours firing: + TICK (the tick that sees it) + DRAIN + STOP_MAX + TICK;
 - schedule actions: within TICK + 2 s of the firing (+ CHECK_EVERY for pre-warm events, which
   the gateway stamps with the wall clock, so the checker dates them when it sees them);
@@ -247,7 +249,7 @@ class Checker:
                     f"{now - rec.wait_started:.0f}s > {self.wait_bound:.0f}s",
                 )
 
-    def _effective(self, holder: Gateway, model: str) -> tuple[int, float]:
+    def _effective(self, holder: Gateway, model: str) -> tuple[int, float, float]:
         return driver.effective(holder.app, model) or known_bounds(model)
 
     def idle_billing(self, holder: Gateway | None) -> None:
@@ -264,7 +266,7 @@ class Checker:
                 continue
             if world.stop_fault_active(c, self.fault_grace):
                 continue
-            priority, keep_hot = self._effective(holder, c.model)
+            priority, keep_hot, spare = self._effective(holder, c.model)
             if priority >= PINNED:
                 continue
             # An engine that exited while loading was never idle: its start was under way until
@@ -279,6 +281,8 @@ class Checker:
                 holder.awake_since,
             )
             deadline = since + keep_hot + TICK + self.stop_max + TICK
+            if spare > 0:  # kept as a spare after the idle stop, until the tick after it expires
+                deadline += spare + TICK
             if now > deadline:
                 self.flag(
                     "idle-billing",

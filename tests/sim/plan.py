@@ -47,12 +47,14 @@ MODELS: dict[str, dict[str, Any]] = {
         "gpus_per_replica": 1,
         "priority": 0,
         "keep_hot_seconds": 30,
+        "spare_seconds": 40,
         "replicas": {"min": 0, "max": 3},
         "target_in_flight_per_replica": 1,
     },
     "chat": {
         "gpus_per_replica": 1,
         "priority": 1,
+        "spare_seconds": 60,
         "replicas": {"min": 0, "max": 2},
         "target_in_flight_per_replica": 1,
     },
@@ -90,13 +92,14 @@ def max_replicas(model: str) -> int:
     return max(e.get("replicas", {}).get("max", 1) for e in entries)
 
 
-def known_bounds(model: str) -> tuple[int, float]:
-    """The highest priority and keep-hot time `model` has in any variant (for a model the
-    catalog no longer lists, the controller keeps the values it started with)."""
+def known_bounds(model: str) -> tuple[int, float, float]:
+    """The highest priority, keep-hot and spare time `model` has in any variant (for a model
+    the catalog no longer lists, the controller keeps the values it started with)."""
     entries = [v[model] for v in VARIANTS if v.get(model) is not None]
     return (
         max(e.get("priority", 0) for e in entries),
         max(e.get("keep_hot_seconds", KEEP_HOT) for e in entries),
+        max(e.get("spare_seconds", 0.0) for e in entries),
     )
 
 

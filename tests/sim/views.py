@@ -29,6 +29,7 @@ class SimProvider:
     """One gateway's view of the world: the Provider protocol."""
 
     adopt_on_restart = True
+    keeps_spares = True
 
     def __init__(self, world: SimCloud, view: str) -> None:
         self.world = world
@@ -113,6 +114,10 @@ class SimProvider:
             w.fault("probe-false", self.view, ref.name)
             return None
         return Endpoint(base_url=cluster.endpoint)
+
+    def fits(self, ref: ClusterRef, spec: LaunchSpec) -> bool:
+        cluster = self.world.clusters.get(ref.name)
+        return cluster is not None and cluster.gpus >= spec.gpus
 
     async def swap(self, ref: ClusterRef, spec: LaunchSpec) -> ClusterRef:
         w, f = self.world, self.world.faults

@@ -56,8 +56,8 @@ def test_range_clips_and_other_groupings() -> None:
     assert summarize(SPANS, since=NOW, until=NOW + timedelta(hours=1), now=NOW, group_by="model") == []
     text = to_csv(rows, columns("phase"))
     assert text.splitlines() == [
-        "phase,dollars,gpu_hours,cold_dollars,serving_dollars,idle_dollars,failed_dollars",
-        "idle,2.0,1.0,0.0,0.0,2.0,0.0",
+        "phase,dollars,gpu_hours,cold_dollars,serving_dollars,idle_dollars,spare_dollars,failed_dollars",
+        "idle,2.0,1.0,0.0,0.0,2.0,0.0,0.0",
     ]
 
 

@@ -277,3 +277,20 @@ async def test_real_sdk_client_errors_are_mapped() -> None:
     with pytest.raises(ProviderError, match="API server check: ConnectionError"):
         await provider.check_failsafe(INSTANCE)
     await provider.close()
+
+
+def test_fits_counts_the_clusters_gpus_and_the_models_types() -> None:
+    """What a spare cluster can take: enough GPUs of a type the model allows."""
+    provider = SkyPilotProvider(FakeSkyClient(), CONFIG)
+    ref = ClusterRef(
+        provider="skypilot", name="c", deployment_id="d1", gpus=1, data={"accelerators": {"L4": 2}}
+    )
+    assert provider.fits(ref, spec(gpus=2)) and not provider.fits(ref, spec(gpus=4))
+    h100 = LaunchSpec(
+        deployment_id="d2", model="m", accelerators=("H100",), engine_key=KEY, instance_id=INSTANCE
+    )
+    l4 = LaunchSpec(
+        deployment_id="d3", model="m", accelerators=("L4", "A10G"), engine_key=KEY, instance_id=INSTANCE
+    )
+    assert not provider.fits(ref, h100) and provider.fits(ref, l4)
+    assert not provider.fits(ClusterRef(provider="skypilot", name="c", deployment_id="d1"), spec())
