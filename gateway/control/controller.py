@@ -21,6 +21,7 @@ from gateway.api.errors import unavailable
 from gateway.clock import Clock
 from gateway.config.reference import Catalog, ModelSpec
 from gateway.config.settings import Settings
+from gateway.control import orphans
 from gateway.control.activity import Activity
 from gateway.control.context import ControlContext
 from gateway.control.fleet import Failure, Route, ref_json
@@ -460,28 +461,15 @@ class Controller:
             runner.request_stop(StopRequest("shutdown-stop", "gateway shutting down", drain=True))
         if runners:
             await asyncio.wait({r.task for r in runners})
-        await self._sweep()
+        await orphans.sweep(self, at_shutdown=True)
 
-    async def _sweep(self) -> None:
-        timeout = self.ctx.settings.provider_call_timeout_seconds
-        try:
-            async with asyncio.timeout(timeout):
-                infos = await self.ctx.provider.list(self.ctx.instance_id)
-        except Exception as exc:
-            log.error("shutdown: cannot list the provider's engines: %s", exc)
-            return
-        owned = {r.ref.name for r in self._runners.values() if r.ref is not None}
-        left = [info.ref for info in infos if info.ref.name not in owned]
-        results = await asyncio.gather(
-            *(
-                asyncio.wait_for(self.ctx.provider.stop(ref), self.ctx.settings.stop_timeout_seconds)
-                for ref in left
-            ),
-            return_exceptions=True,
-        )
-        for ref, result in zip(left, results, strict=True):
-            if isinstance(result, BaseException):
-                log.error("shutdown: stopping %s failed: %s", ref.name, result)
+    def owns(self, ref: ClusterRef) -> bool:
+        """A runner holds the cluster (by name: a takeover or a spare swap moves it to another
+        deployment, its labels keep the first one's id), or its deployment has a runner (a
+        launch in progress holds no ref yet)."""
+        if ref.deployment_id in self._runners:
+            return True
+        return any(r.ref is not None and r.ref.name == ref.name for r in self._runners.values())
 
     def abandon(self) -> None:
         """The lease is lost: every runner stops at once without touching its engine; the new

@@ -16,6 +16,7 @@ from typing import Any
 from gateway.accounting.export import export_days, finished_days, s3_client
 from gateway.accounting.usage import UsageRecorder
 from gateway.config.settings import Settings
+from gateway.control import orphans
 from gateway.control.controller import Controller
 from gateway.control.policies import (
     Schedule,
@@ -48,9 +49,12 @@ class Reaper:
         # over does not replay the schedules that fired while it stood by.
         self.last_tick: datetime = controller.clock()
         self._background: set[asyncio.Task[object]] = set()
+        self.orphan_sweep_seconds = settings.orphan_sweep_seconds
+        self.last_sweep: datetime = self.last_tick  # reconcile has just listed the provider's clusters
+        self._sweeping: asyncio.Task[list[str]] | None = None
 
     def start(self) -> asyncio.Task[None]:
-        self.last_tick = self.controller.clock()
+        self.last_tick = self.last_sweep = self.controller.clock()
         return asyncio.create_task(self.run(), name="reaper")
 
     async def tick(self, now: datetime) -> list[StopAction]:
@@ -81,6 +85,7 @@ class Reaper:
         await self.controller.record_activity(since, now)
         self.controller.expire_failures(now)
         self.controller.heartbeat_due(now, views)
+        self._sweep_due(now)
         await self.controller.flush_activity()
         await self.controller.ctx.ledger.drain()
         return applied
@@ -120,6 +125,17 @@ class Reaper:
             kind="export", message=f"{len(written)} of {len(results)} files written"
         )
 
+    def _sweep_due(self, now: datetime) -> None:
+        """The orphan sweep (`orphans.py`), in the background like heartbeats: a hung list or
+        stop never holds the tick; one at a time."""
+        if self._sweeping is not None and not self._sweeping.done():
+            return
+        if (now - self.last_sweep).total_seconds() < self.orphan_sweep_seconds:
+            return
+        self.last_sweep = now
+        self._sweeping = asyncio.create_task(orphans.sweep(self.controller), name="orphan sweep")
+        self._track(self._sweeping)
+
     def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         self._track(asyncio.create_task(coro))
 
@@ -134,9 +150,13 @@ class Reaper:
         await self.controller.settle()
 
     async def run(self) -> None:
-        while not self.controller.fenced:
-            await asyncio.sleep(self.interval_seconds)
-            try:
-                await self.tick(self.controller.clock())
-            except Exception:
-                log.exception("reaper tick failed; continuing")
+        try:
+            while not self.controller.fenced:
+                await asyncio.sleep(self.interval_seconds)
+                try:
+                    await self.tick(self.controller.clock())
+                except Exception:
+                    log.exception("reaper tick failed; continuing")
+        finally:  # stopped (shutdown, lease lost): the shutdown's own sweep stops what is left
+            if self._sweeping is not None:
+                self._sweeping.cancel()
