@@ -186,10 +186,6 @@ class Ledger:
         self._outbox.put(self.store.delete_intervals, deployment_id)
         self._forget(deployment_id)
 
-    def flush(self) -> None:
-        """Send again what a database error held back (the control loop calls it every tick)."""
-        self._outbox.send()
-
     async def drain(self) -> bool:
         """Wait until the queued writes are written; False if one failed (it stays queued)."""
         return await self._outbox.drain()
