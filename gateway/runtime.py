@@ -157,7 +157,13 @@ class Runtime:
             clock=clock,
             activity=activity,
             catalog=catalog,
-            ledger=Ledger(store, price_book(settings, provider.name), provider=provider.name, writer=writer),
+            ledger=Ledger(
+                store,
+                price_book(settings, provider.name),
+                provider=provider.name,
+                writer=writer,
+                acting=lambda: lease.held,  # a stalled or fenced gateway writes nothing
+            ),
             metrics=metrics,
             writer=writer,
             new_id=new_id,

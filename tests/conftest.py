@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +21,15 @@ from tests.stub_upstream import make_app, serve_in_thread
 
 # Nothing in the suite may reach a SkyPilot API server by accident.
 os.environ.setdefault("SKYPILOT_API_SERVER_ENDPOINT", "http://127.0.0.1:9")
+
+
+def _interrupted(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+# A run ended by SIGTERM (`timeout`, a cancelled CI job) tears down like Ctrl-C: session fixtures
+# still stop the servers they started (PostgreSQL, the stub upstream) instead of leaking them.
+signal.signal(signal.SIGTERM, _interrupted)
 for key in [k for k in os.environ if k.startswith("LLMGW_")]:
     del os.environ[key]  # a developer's own settings must not change test results
 

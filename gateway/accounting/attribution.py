@@ -115,7 +115,7 @@ def key_costs(store: Store, *, since: datetime, until: datetime, now: datetime) 
     intervals = store.intervals(since=since, until=until)
     spans = spans_of(intervals)
     started_by = store.started_by({i.deployment_id for i in intervals})
-    days = _days(since, min(until, now))
+    days = _shared_days(spans, since=since, until=until, now=now)
     rows = {
         day: store.usage_totals(
             since=datetime(day.year, day.month, day.day, tzinfo=UTC),
@@ -152,9 +152,14 @@ def team_month_costs(store: Store, now: datetime) -> dict[str, float]:
     return {row["team"]: row["dollars"] for row in rows_of(acc, "team", team_labels(store))}
 
 
-def _days(since: datetime, until: datetime) -> list[date]:
-    out, day = [], since.astimezone(UTC).date()
-    while datetime(day.year, day.month, day.day, tzinfo=UTC) < until:
-        out.append(day)
-        day += timedelta(days=1)
-    return out
+def _shared_days(spans: Iterable[Span], *, since: datetime, until: datetime, now: datetime) -> list[date]:
+    """The UTC days on which some serving or idle time is split by usage: only those need a
+    usage query (a range since 2000 must not cost one query per calendar day)."""
+    days: set[date] = set()
+    for span in spans:
+        if span.phase in ("cold", "failed"):
+            continue
+        start, end = max(span.start, since), min(span.end or now, until, now)
+        if end > start:
+            days.update(a.date() for a, _ in day_bounds(start, end))
+    return sorted(days)

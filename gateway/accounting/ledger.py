@@ -9,6 +9,8 @@ The ledger decides on the event loop (its view of open intervals is in memory) a
 there: its writes go, in order, to the database writer's thread (`_Outbox`). A write that fails
 (the database is locked or down) stays first in line and is sent again at the next change or
 tick, so nothing is lost or reordered while the process lives; `drain()` waits for what is queued.
+Writes are sent only while this process holds the controller lease: a gateway that wakes from a
+stall must not write its stale view over the new holder's ledger.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ class _Outbox:
     """Ledger writes, in order, through the writer: one batch in flight at a time; a batch's
     writes that did not happen (a database error) go back to the front of the line."""
 
-    def __init__(self, writer: Writer) -> None:
+    def __init__(self, writer: Writer, acting: Callable[[], bool]) -> None:
         self.writer = writer
+        self._acting = acting
         self._queue: list[Write] = []
         self._in_flight: asyncio.Future[None] | None = None
 
@@ -79,7 +82,7 @@ class _Outbox:
         return len(self._queue)
 
     def send(self) -> None:
-        if self._in_flight is not None or not self._queue:
+        if self._in_flight is not None or not self._queue or not self._acting():
             return
         batch, self._queue = self._queue, []
         done: list[int] = [0]  # how many of the batch were written (set by the writer's thread)
@@ -115,11 +118,19 @@ def _apply(batch: list[Write], done: list[int]) -> None:
 
 
 class Ledger:
-    def __init__(self, store: Store, prices: PriceBook, *, provider: str, writer: Writer) -> None:
+    def __init__(
+        self,
+        store: Store,
+        prices: PriceBook,
+        *,
+        provider: str,
+        writer: Writer,
+        acting: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.store = store
         self.prices = prices
         self.provider = provider
-        self._outbox = _Outbox(writer)
+        self._outbox = _Outbox(writer, acting)
         self._phase: dict[str, str] = {}  # deployment id -> phase of its open interval
         self._price: dict[str, tuple[str | None, int, float]] = {}  # deployment id -> cluster, gpus, price
         self._start: dict[str, datetime] = {}  # deployment id -> start of its open interval
@@ -174,10 +185,6 @@ class Ledger:
         """Nothing was ever held (no capacity): the deployment costs nothing."""
         self._outbox.put(self.store.delete_intervals, deployment_id)
         self._forget(deployment_id)
-
-    def flush(self) -> None:
-        """Send again what a database error held back (the control loop calls it every tick)."""
-        self._outbox.send()
 
     async def drain(self) -> bool:
         """Wait until the queued writes are written; False if one failed (it stays queued)."""

@@ -94,6 +94,7 @@ async def test_cold_start_that_fits_swaps_onto_the_spare(tmp_path: Path, stub_ur
         assert launch.model == "a"  # b was not launched
         [(spare_ref, spec)] = provider.swaps
         assert spare_ref.data["model"] == "a" and spec.model == "b" and not provider.stops
+        await app.state.controller.settle()  # the ledger's and events' writes are queued
         store = app.state.store
         assert states(store, "a") == ["stopped"] and states(store, "b") == ["ready"]
         assert kinds(store, "a")[-2:] == ["spare-claimed", "handed-over"]

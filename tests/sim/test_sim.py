@@ -213,6 +213,11 @@ REGRESSION_SEEDS: dict[tuple[int, int, str], tuple[str, str]] = {
         "idle-billing",
         "(sim) a claim's swap hung until the cold-start timeout: counted as the old model's idle engine",
     ),
+    # The 300-seed, 40-step run on the merged code of the second session (writes through the writer).
+    (57, 18, "mix"): (
+        "ledger-overlap",
+        "a holder thawed from a stall sends its queued ledger writes over the new holder's ledger",
+    ),
 }
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from gateway.accounting.attribution import attribute, rows_of, weights_of
+from gateway.accounting.attribution import UNATTRIBUTED, attribute, key_costs, rows_of, weights_of
 from gateway.accounting.costs import Span
+from state import CostInterval, Store
 
 D0 = datetime(2026, 11, 26, tzinfo=UTC)
 DAY0, DAY1 = date(2026, 11, 26), date(2026, 11, 27)
@@ -76,3 +79,41 @@ def test_requests_weigh_where_no_tokens_were_reported_and_teams_group_keys() -> 
     assert [(r["team"], r["dollars"], r["idle_dollars"]) for r in rows] == [("x", 10.0, 10.0)]
     by_key = {r["key"]: r["dollars"] for r in rows_of(acc, "key", {})}
     assert by_key == {"a": 2.5, "b": 7.5}
+
+
+def test_a_range_since_2000_queries_usage_only_for_days_with_ready_time(tmp_path: Path) -> None:
+    """Found by the schema fuzzer: `/admin/costs?group_by=key&since=2000-01-01` made one usage
+    query per calendar day (9,000 of them) and timed out."""
+
+    class CountingStore(Store):
+        usage_queries = 0
+
+        def usage_totals(self, **kwargs: Any) -> Any:
+            CountingStore.usage_queries += 1
+            return super().usage_totals(**kwargs)
+
+    store = CountingStore(f"sqlite:///{tmp_path / 'gw.db'}")
+    store.upgrade()
+    for phase, start in (
+        ("cold", D0),
+        ("idle", D0 + timedelta(hours=1)),
+    ):  # open_interval closes the one before
+        store.open_interval(
+            CostInterval(
+                deployment_id="d1",
+                model="m",
+                provider="fake",
+                phase=phase,
+                gpus=1,
+                hourly_price=1.0,
+                started_at=start,
+                checked_at=start,
+            )
+        )
+    store.close_interval("d1", at=D0 + timedelta(hours=31))
+    now = D0 + timedelta(days=3)
+    wide = key_costs(store, since=datetime(2000, 1, 1, tzinfo=UTC), until=now, now=now)
+    assert CountingStore.usage_queries == 2  # the two days the idle time touches
+    assert wide == key_costs(store, since=D0, until=now, now=now)
+    assert sum(wide[UNATTRIBUTED][1:]) == pytest.approx(31.0)  # no usage: nobody to name
+    store.close()
