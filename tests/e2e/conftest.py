@@ -104,7 +104,9 @@ def start_gateway(
             "env": {"HF_HUB_OFFLINE": "1", "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")},
         },
     }
-    config["local"].update(settings.pop("local", {}))  # e.g. local={"gpu_ids": ["0", "1"]}
+    local = settings.pop("local", {})  # e.g. local={"gpu_ids": ["0", "1"]}
+    config["local"]["env"].update(local.pop("env", {}))
+    config["local"].update(local)
     config.update(settings)
     config_file.write_text(yaml.safe_dump(config))
     return _launch(tmp_path, config_file, config)

@@ -25,6 +25,9 @@ HOT = {
     "scale_down_seconds": 6,
     "keep_hot_seconds": 20,
 }
+# vLLM's CPU build pins each engine's threads to the cores it picks ("auto"): both engines pick
+# the same core, and the second one, starting next to the first one serving, does not start.
+UNPINNED = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 CLIENTS = 2  # in flight at once: 2 per replica > target 1 on one, = target on two
 
 
@@ -79,14 +82,14 @@ def engine_log_requests(gw: GatewayProcess, deployment_id: str) -> int:
 
 def test_second_replica_under_load_then_back_to_one_then_none(gateway_factory) -> None:  # type: ignore[no-untyped-def]
     gw: GatewayProcess = gateway_factory(
-        models={MODEL: HOT}, local={"gpu_ids": ["0", "1"]}, reaper_interval_seconds=1
+        models={MODEL: HOT}, local={"gpu_ids": ["0", "1"], "env": UNPINNED}, reaper_interval_seconds=1
     )
     with httpx.Client(base_url=gw.base_url, timeout=600) as client:
         assert chat(client) == 200  # the cold start of the first replica
     [first] = ready(gw)
     with Load(gw) as load:
         started = time.monotonic()
-        assert wait_until(lambda: len(ready(gw)) == 2, timeout=600, interval=0.5), status(gw)
+        assert wait_until(lambda: len(ready(gw)) == 2, timeout=300, interval=0.5), json.dumps(status(gw))
         assert wait_until(lambda: all(r["requests"] > 0 for r in ready(gw)), timeout=120, interval=0.2)
         serving_after = time.monotonic() - started
         time.sleep(3)  # a few more requests over both
