@@ -19,14 +19,17 @@ from gateway.config.settings import Settings
 from gateway.control import orphans
 from gateway.control.controller import Controller
 from gateway.control.policies import (
+    DeploymentView,
     Schedule,
     StopAction,
     after_hours_stops,
+    busy_models,
     cron_fired,
     idle_stops,
     prewarm_due,
     spare_expiries,
 )
+from gateway.control.slices import in_slices
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +74,31 @@ class Reaper:
                 self._spawn(self.controller.stop_model(model, kind=kind, reason=reason))
             applied.extend(after_hours)
         else:
-            for action in [*idle_stops(views, now), *spare_expiries(views, now)]:
-                if self.controller.stop_deployment(
-                    action.deployment_id, kind=action.kind, reason=action.reason, spare=action.spare
-                ):
-                    log.info("%s: %s (%s)", action.model, action.kind, action.reason)
-                    applied.append(action)
-            self.controller.autoscale(now)
+            applied.extend(await self._idle_stops(views, now))
+            await self.controller.autoscale(now)
         for model in prewarm_due(self.prewarm, since, now):
             self._spawn(self._prewarm(model))
         if self.export is not None and cron_fired(self.export.cron, "UTC", since, now):
             self._spawn(self._export(now))
         await self.controller.record_activity(since, now)
         self.controller.expire_failures(now)
-        self.controller.heartbeat_due(now, views)
+        await self.controller.heartbeat_due(now, views)
         self._sweep_due(now)
         await self.controller.flush_activity()
         await self.controller.ctx.ledger.drain()
+        return applied
+
+    async def _idle_stops(self, views: list[DeploymentView], now: datetime) -> list[StopAction]:
+        """Idle and expired-spare stops, a slice of deployments at a time."""
+        busy = busy_models(views)
+        applied = []
+        async for chunk in in_slices(views):
+            for action in [*idle_stops(chunk, now, busy), *spare_expiries(chunk, now)]:
+                if self.controller.stop_deployment(
+                    action.deployment_id, kind=action.kind, reason=action.reason, spare=action.spare
+                ):
+                    log.info("%s: %s (%s)", action.model, action.kind, action.reason)
+                    applied.append(action)
         return applied
 
     async def _prewarm(self, model: str) -> None:
