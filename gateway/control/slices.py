@@ -11,8 +11,8 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-# Items of one slice: a pass over 50 deployments takes a few hundred microseconds.
-SLICE = 50
+# Items of one slice: a pass over 25 deployments takes 0.1-0.5 ms of CPU (the most, a view of each).
+SLICE = 25
 
 
 async def in_slices(items: Sequence[T], size: int = SLICE) -> AsyncIterator[Sequence[T]]:
