@@ -286,6 +286,7 @@ class Runtime:
         ):
             await _guarded(step)
         self.store.close()
+        gc.unfreeze()  # collectable again (a process that builds another gateway, e.g. the tests)
         log.info("gateway stopped")
 
 
