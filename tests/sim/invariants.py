@@ -69,8 +69,8 @@ from tests.sim.plan import (
     MAX_WAITING,
     ORPHAN_SWEEP,
     TICK,
-    known_bounds,
     max_replicas,
+    unlisted_bounds,
 )
 from tests.sim.store_view import TERMINAL, Interval, Row
 
@@ -291,7 +291,9 @@ class Checker:
                 )
 
     def _effective(self, holder: Gateway, model: str) -> tuple[int, float, float]:
-        return driver.effective(holder.app, model) or known_bounds(model)
+        return driver.effective(holder.app, model) or unlisted_bounds(
+            model, self.sim.keep_hot_patched.get(model)
+        )
 
     def idle_billing(self, holder: Gateway | None) -> None:
         """Idle is judged like the controller does, per model on the lease holder: a request of
