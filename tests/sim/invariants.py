@@ -11,7 +11,7 @@
 - client-error / admin-error: a request ends with a route or an OpenAI error (a GatewayError;
   admin calls: an envelope), never a bare exception;
 - idle-billing: no engine billed idle past its keep-hot time, plus its spare time for a model
-  with `spare_seconds` (pinned ones excepted);
+  with `spare_seconds` (pinned ones excepted, while the catalog lists their model);
 - after-hours: what ran at an after-hours firing is gone by the deadline below (when one lease
   holder saw the firing and stayed up);
 - ledger-overlap / ledger-sum: per cluster, cost intervals do not overlap and add up to the time
