@@ -175,7 +175,8 @@ class Controller:
         return serving
 
     def _view(self, runner: DeploymentRunner, serving: Mapping[str, int]) -> DeploymentView:
-        spec = self.ctx.catalog.resolve(runner.model) or runner.spec
+        listed = self.ctx.catalog.resolve(runner.model)
+        spec = listed or runner.spec  # unlisted (a reload removed it): the values it started with
         # The model's last request (any replica), or this replica's readiness if later: a
         # replica that comes up does not keep the others hot.
         last = self.ctx.activity.last_request(runner.model)
@@ -195,6 +196,7 @@ class Controller:
             spare_seconds=runner.spare_seconds,
             spare_since=runner.spare_at,
             replicas=serving.get(runner.model, 0),
+            listed=listed is not None,
         )
 
     def holdings(self) -> tuple[dict[str, int], int]:

@@ -218,6 +218,23 @@ REGRESSION_SEEDS: dict[tuple[int, int, str], tuple[str, str]] = {
         "ledger-overlap",
         "a holder thawed from a stall sends its queued ledger writes over the new holder's ledger",
     ),
+    # Seeds of a 40-step run beyond seed 300 on 706cbe2 (the control loop in slices).
+    (468, 40, "mix"): (
+        "idle-billing",
+        "a model pinned by an admin override, unlisted by a reload: its engine was never idle-stopped",
+    ),
+    (545, 18, "mix"): (
+        "idle-billing",
+        "an unlisted pinned model's engine was never idle-stopped; (sim) its idle clock ran from before the reload",
+    ),
+    (605, 37, "mix"): (
+        "idle-billing",
+        "a reload unlists a model an override pinned: its idle engine, unreachable (404), billed on",
+    ),
+    (646, 36, "mix"): (
+        "idle-billing",
+        "a reload unlists a pinned model: its engine kept the pin, never idle-stopped, billed until shutdown",
+    ),
 }
 
 
