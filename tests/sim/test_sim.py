@@ -218,6 +218,23 @@ REGRESSION_SEEDS: dict[tuple[int, int, str], tuple[str, str]] = {
         "ledger-overlap",
         "a holder thawed from a stall sends its queued ledger writes over the new holder's ledger",
     ),
+    # The 300-seed, 40-step run on 706cbe2 (the control loop in slices).
+    (347, 23, "mix"): (
+        "ledger-sum",
+        "a preempted cluster found by a heartbeat a stall delayed: billed until it was sent, not due",
+    ),
+    (528, 32, "mix"): (
+        "ledger-sum",
+        "a start cut short while it waited for a takeover's victim bills its wait, holding nothing",
+    ),
+    (530, 27, "mix"): (
+        "ledger-sum",
+        "a holder waking from a stall renews the lease a dead standby took: its stale view, rows orphaned",
+    ),
+    (787, 16, "mix"): (
+        "ledger-sum",
+        "a stop recorded late (database errors retried): the ledger bills the engine until the record",
+    ),
 }
 
 
