@@ -218,7 +218,24 @@ REGRESSION_SEEDS: dict[tuple[int, int, str], tuple[str, str]] = {
         "ledger-overlap",
         "a holder thawed from a stall sends its queued ledger writes over the new holder's ledger",
     ),
-    # Seeds of a 40-step run beyond seed 300 on 706cbe2 (the control loop in slices).
+    # Seeds of the 1,000-seed, 40-step run on the orphan sweep (f414317 merged with main).
+    (347, 23, "mix"): (
+        "ledger-sum",
+        "a preempted cluster found by a heartbeat a stall delayed: billed until it was sent, not due",
+    ),
+    (528, 32, "mix"): (
+        "ledger-sum",
+        "a start cut short while it waited for a takeover's victim bills its wait, holding nothing",
+    ),
+    (530, 27, "mix"): (
+        "ledger-sum",
+        "a holder waking from a stall renews the lease a dead standby took: its stale view, rows orphaned",
+    ),
+    (787, 16, "mix"): (
+        "ledger-sum",
+        "a stop recorded late (database errors retried): the ledger bills the engine until the record",
+    ),
+    # Seeds of the same run.
     (468, 40, "mix"): (
         "idle-billing",
         "a model pinned by an admin override, unlisted by a reload: its engine was never idle-stopped",
