@@ -472,13 +472,17 @@ class Controller:
             await asyncio.wait({r.task for r in runners})
         await orphans.sweep(self, at_shutdown=True)
 
-    def owns(self, ref: ClusterRef) -> bool:
+    def held_clusters(self) -> set[str]:
+        """The names of the clusters the runners hold."""
+        return {r.ref.name for r in self._runners.values() if r.ref is not None}
+
+    def owns(self, ref: ClusterRef, held: set[str] | None = None) -> bool:
         """A runner holds the cluster (by name: a takeover or a spare swap moves it to another
         deployment, its labels keep the first one's id), or its deployment has a runner (a
-        launch in progress holds no ref yet)."""
+        launch in progress holds no ref yet). `held`: `held_clusters()`, when asked for many."""
         if ref.deployment_id in self._runners:
             return True
-        return any(r.ref is not None and r.ref.name == ref.name for r in self._runners.values())
+        return ref.name in (held if held is not None else self.held_clusters())
 
     def abandon(self) -> None:
         """The lease is lost: every runner stops at once without touching its engine; the new
