@@ -252,6 +252,11 @@ REGRESSION_SEEDS: dict[tuple[int, int, str], tuple[str, str]] = {
         "idle-billing",
         "a reload unlists a pinned model: its engine kept the pin, never idle-stopped, billed until shutdown",
     ),
+    # Seeds of the 40-step run on e7ee8b6.
+    (664, 24, "mix"): (
+        "ledger-sum",
+        "heartbeats unanswered (API down) while probes found the engine up: billed 121 s short of the failsafe",
+    ),
 }
 
 
