@@ -17,13 +17,14 @@ from urllib.parse import urlsplit
 import httptools
 
 
-def post_request(url: str, path: str, payload: dict[str, Any]) -> bytes:
-    """The bytes of one `POST path` with a JSON body, keep-alive."""
+def post_request(url: str, path: str, payload: dict[str, Any], *, bearer: str | None = None) -> bytes:
+    """The bytes of one `POST path` with a JSON body, keep-alive (with `bearer`, its Authorization)."""
     host = urlsplit(url).netloc
     body = json.dumps(payload).encode()
+    auth = f"authorization: Bearer {bearer}\r\n" if bearer else ""
     head = (
         f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
-        f"accept: */*\r\ncontent-length: {len(body)}\r\n\r\n"
+        f"accept: */*\r\n{auth}content-length: {len(body)}\r\n\r\n"
     ).encode()
     return head + body
 
