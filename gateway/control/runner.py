@@ -25,13 +25,14 @@ import functools
 import logging
 from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Protocol
 
 from gateway.api.errors import GatewayError, bad_gateway, unavailable
 from gateway.config.reference import ModelSpec
 from gateway.control.context import ControlContext
 from gateway.control.fleet import Route, ref_json
+from gateway.control.sightings import Sightings
 from state import ALLOWED, DeploymentState
 from tasks.provider import CapacityError, ClusterRef, Endpoint, EngineGone, LaunchSpec, ProviderError
 
@@ -166,6 +167,7 @@ class DeploymentRunner:
         self.last_beat: datetime | None = None  # the failsafe's last re-arm; None: due at once
         # Billed up to here at most: its cluster vanished (preempted, deleted) by then.
         self._gone_by: datetime | None = None
+        self._sightings = Sightings()  # when its cluster was last known to run (bounds _gone_by)
         # Whether it ever held GPUs: a launch sent (it may have made a cluster), or a cluster held.
         self._launch_sent = self._held = adoption is not None
         self._billed_out = False  # its cost interval closed when its engine stopped
@@ -357,6 +359,7 @@ class DeploymentRunner:
                 await self._move(S.LAUNCHING)
                 self.ref = await self._launch()
                 self.last_beat = self.ctx.clock()  # the launch armed the failsafe
+                self._sightings.armed_at(self.last_beat)
                 self.hold(self.ref)
                 ref = self.ref
                 if self.ctx.acting():  # else the row is the new lease holder's: its sweep finds ref
@@ -599,31 +602,28 @@ class DeploymentRunner:
                 async with asyncio.timeout(self.ctx.settings.provider_call_timeout_seconds):
                     await self.ctx.provider.heartbeat(self.ref)
             self.last_beat = now
+            self._sightings.armed_at(self.ctx.clock())
         except EngineGone as exc:  # preempted or deleted: it serves nothing and bills nothing more
-            self._gone_by = self._vanished_by()
+            self._gone_by = self._sightings.gone_by(
+                self.ctx.clock(), self.ctx.provider.heartbeat_interval_seconds
+            )
             self.request_stop(StopRequest("engine-failed", f"engine gone: {exc}", drain=False, failed=True))
         except Exception as exc:
             log.warning("deployment %s of %s: heartbeat failed: %s", self.id, self.model, exc)
+            self._sightings.unanswered()
             if self.state is S.READY:  # the provider cannot say (its API is down): ask the engine
                 self._checking = True
                 await self._check(f"heartbeat failed: {type(exc).__name__}")
         finally:
             self._beating = False
 
-    def _vanished_by(self) -> datetime:
-        """When a cluster found gone went at the latest: by the heartbeat due after the last one
-        that found it (a heartbeat sent late, by a stalled or busy gateway, bills no more);
-        now if none was sent."""
-        now, interval = self.ctx.clock(), self.ctx.provider.heartbeat_interval_seconds
-        if self.last_beat is None or interval is None:
-            return now
-        return min(now, self.last_beat + timedelta(seconds=interval))
-
     async def _check(self, reason: str) -> None:
         assert self.ref is not None
         try:
             async with asyncio.timeout(self.ctx.settings.provider_call_timeout_seconds):
                 alive = await self.ctx.provider.probe(self.ref) is not None
+            if alive:
+                self._sightings.healthy_at(self.ctx.clock())
         except Exception:
             alive = False
         finally:

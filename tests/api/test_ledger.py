@@ -239,3 +239,39 @@ async def test_an_engine_is_billed_until_it_stopped_not_until_the_store_says_so(
         assert refused and [d.state for d in store.deployments(model="low")] == ["stopped"]
         assert [i.ended_at for i in store.intervals() if i.model == "low"][-1] == stopped_at
         assert sum(s for _, s, _ in phases(store, "low")) == 40.0
+
+
+async def beaten(provider: FakeProvider, count: int) -> None:
+    """Wait until the background heartbeats (and the probes after failed ones) have run."""
+    for _ in range(500):
+        if len(provider.heartbeats) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(provider.heartbeats)} heartbeats, expected {count}")
+
+
+async def test_a_cluster_the_provider_could_not_be_asked_about_is_billed_while_seen(
+    tmp_path: Path, stub_url: str
+) -> None:
+    """The provider's API is down: heartbeats fail without an answer, the probes after them
+    find the engine healthy, the failsafe is not re-armed. A heartbeat then finds the cluster
+    gone (seed 664): it ran until at least the last probe, and is billed until the heartbeat
+    after that probe was due, not until the one after the last answered heartbeat was."""
+    clock = FakeClock()
+    provider = FakeProvider(endpoint=stub_url, clock=clock, launch_seconds=30, heartbeat_interval_seconds=60)
+    settings = make_settings(tmp_path, MODELS, keep_hot_seconds=3600, costs=PRICES)
+    async with running_gateway(settings, provider, clock) as (app, client):
+        reaper = app.state.reaper
+        reaper.last_tick = clock()
+        await client.post("/v1/chat/completions", json=body("low"))  # 30 s cold; the launch armed it
+        provider.heartbeat_error = ProviderError("API server unavailable")
+        for beat in (1, 2):
+            await reaper.tick(clock.advance(60))
+            await beaten(provider, beat)
+        seen = clock()  # the probe after the second failed heartbeat found it healthy
+        provider.heartbeat_error = EngineGone("fake-low does not exist")
+        await reaper.tick(clock.advance(90))  # 30 s late: the heartbeat finds it gone
+        await ended(app, "low")
+        [*_, last] = [i for i in app.state.store.intervals() if i.model == "low"]
+        assert last.ended_at == seen + timedelta(seconds=60)
+        assert sum(s for _, s, _ in phases(app.state.store, "low")) == 210.0  # was 90: launch + 60 s

@@ -3,6 +3,8 @@ broke an invariant on the controller before issue 9's redesign (`-m sim_regressi
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import subprocess
 import sys
@@ -252,6 +254,11 @@ REGRESSION_SEEDS: dict[tuple[int, int, str], tuple[str, str]] = {
         "idle-billing",
         "a reload unlists a pinned model: its engine kept the pin, never idle-stopped, billed until shutdown",
     ),
+    # Seeds of the 40-step run on e7ee8b6.
+    (664, 24, "mix"): (
+        "ledger-sum",
+        "heartbeats unanswered (API down) while probes found the engine up: billed 121 s short of the failsafe",
+    ),
 }
 
 
@@ -285,6 +292,20 @@ def test_a_seed_replays_in_another_process() -> None:
         timeout=120,
     )
     assert f"trace hash: {expected}" in out.stdout, out.stderr[-2000:]
+
+
+def test_a_killed_gateway_leaves_no_suspended_coroutine() -> None:
+    """Seed 0 kills gw0 at step 16 with three deployments ready. Its coroutines (runners,
+    reaper, lease, the lifespan) are closed when the seed ends; left suspended, Python closed
+    them whenever they were collected: in a later seed's loop, or at exit with no loop
+    ("Event loop is closed", "no running event loop" tracebacks after a sweep)."""
+    sim = Sim(0, 17)
+    result = sim.run()
+    assert result.faults["kill-9"] == 1 and not result.violations
+    tasks = asyncio.all_tasks(sim.loop)
+    assert any(t.get_coro().__qualname__ == "DeploymentRunner.run" for t in tasks)  # gw0's, never finished
+    suspended = [t for t in tasks if inspect.getcoroutinestate(t.get_coro()) != inspect.CORO_CLOSED]
+    assert not suspended
 
 
 @pytest.mark.sim_regression

@@ -14,21 +14,32 @@ the run.
 Callbacks are tagged with the `OWNER` context variable of the code that scheduled them (each
 simulated gateway runs its tasks in a context naming it). `freeze(owner)` parks that owner's
 callbacks — a stalled process (SIGSTOP); `thaw(owner)` runs them again, late; `kill(owner)`
-drops them for good — a `kill -9`: no `finally` block of the owner ever runs.
+drops them for good — a `kill -9`: no `finally` block of the owner ever runs while the seed does.
+
+A killed owner's coroutines stay suspended where the kill found them, though, and Python closes a
+suspended coroutine when it is collected, running its `finally` blocks: with no loop running, or
+inside the loop of a later seed (a long sweep collected them there, whenever its caches let them
+go: "Event loop is closed" tracebacks, and dead code running next to a live seed). `reap(owner)`
+closes them at a moment the simulator chooses, once the seed's outcome is taken (see `Sim.run`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import inspect
 import selectors
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future as ConcurrentFuture
 from typing import Any
 
 OWNER: contextvars.ContextVar[str | None] = contextvars.ContextVar("sim_owner", default=None)
+# A coroutine's `finally` may await (retries): each close unwinds it up to the next await.
+REAP_CLOSES = 100
 
 
 class SimDeadlock(RuntimeError):
@@ -80,6 +91,7 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         self.frozen: set[str] = set()
         self.killed: set[str] = set()
         self._parked: dict[str, list[tuple[_Gate, tuple[Any, ...]]]] = {}
+        self._tasks_of: dict[str, weakref.WeakSet[asyncio.Task[Any]]] = {}
         self._deadline = time.monotonic() + real_budget_seconds
         self._advances = 0
 
@@ -146,6 +158,15 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         gated, ctx = self._gate(callback, context)
         return super().call_at(when, gated, *args, context=ctx)
 
+    def create_task(
+        self, coro: Any, *, name: str | None = None, context: contextvars.Context | None = None
+    ) -> asyncio.Task[Any]:
+        task = super().create_task(coro, name=name, context=context)
+        owner = context.get(OWNER) if context is not None else OWNER.get()
+        if owner is not None:  # the task runs in its creator's context, or in `context`
+            self._tasks_of.setdefault(owner, weakref.WeakSet()).add(task)
+        return task
+
     def freeze(self, owner: str) -> None:
         self.frozen.add(owner)
 
@@ -160,6 +181,31 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         self.frozen.add(owner)
         self.killed.add(owner)
         self._parked.pop(owner, None)
+
+    def reap(self, owner: str) -> int:
+        """Close the coroutines of a killed owner's unfinished tasks, outside the loop (call it
+        when the loop has stopped): their `finally` blocks run now, once, instead of whenever
+        they are collected. Without a running loop they fail at their first asyncio call, and
+        what they fail with is dropped: that code never runs after a real kill -9. Returns how
+        many were closed; a coroutine still not closed after REAP_CLOSES tries raises."""
+        assert owner in self.killed and not self.is_running(), "only a killed owner, with the loop stopped"
+        reaped = 0
+        for task in list(self._tasks_of.pop(owner, ())):
+            coro = task.get_coro()
+            if task.done() or not inspect.iscoroutine(coro):
+                continue
+            _close(coro)
+            reaped += 1
+        return reaped
+
+
+def _close(coro: Coroutine[Any, Any, Any]) -> None:
+    for _ in range(REAP_CLOSES):
+        if inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED:
+            return
+        with contextlib.suppress(Exception):  # e.g. RuntimeError: no running event loop (see reap)
+            coro.close()
+    raise RuntimeError(f"{coro!r} is not closed after {REAP_CLOSES} tries")
 
 
 def owned_context(owner: str) -> contextvars.Context:
