@@ -151,6 +151,9 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.client.forget(self)
         if self.busy and not self.complete and self.error is None:
             if self.headers_done and self.until_close:
@@ -468,9 +471,11 @@ class Client:
         self._sweep = None
         now = self.loop.time()
         for origin, stack in list(self._idle.items()):
-            fresh = [c for c in stack if not c.closed and now - c.idle_since < self.keepalive]
+            fresh = []
             for conn in stack:
-                if conn not in fresh:
+                if not conn.closed and now - conn.idle_since < self.keepalive:
+                    fresh.append(conn)
+                else:
                     conn.close()
             if fresh:
                 self._idle[origin] = fresh
