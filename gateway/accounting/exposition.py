@@ -22,6 +22,8 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from gateway.accounting.histograms import LabelledHistogram
+
 SLICE_SAMPLES = 100
 
 
@@ -71,6 +73,9 @@ def slices(collector: Collector) -> Iterator[Metric]:
     """A collector's families, in slices (each a family of the same name)."""
     if isinstance(collector, MetricWrapperBase) and collector._labelnames:
         yield from _labelled_slices(collector)
+        return
+    if isinstance(collector, LabelledHistogram):
+        yield from collector.slices(max(SLICE_SAMPLES // (len(collector.bounds) + 3), 1))
         return
     for family in collector.collect():
         yield from _sample_slices(family)

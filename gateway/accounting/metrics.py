@@ -27,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.accounting.attribution import team_month_costs
+from gateway.accounting.histograms import LabelledHistogram
 from gateway.accounting.ledger import PHASES
 from state import TERMINAL, DeploymentState, Store
 from state.tables import LATENCY_BOUNDS_MS
@@ -71,28 +72,28 @@ class Metrics:
             ["model", "path", "status"],
             registry=self.registry,
         )
-        self.latency = Histogram(
+        # Per-model histograms: few objects per series (histograms.py), for the garbage collector.
+        self.latency = LabelledHistogram(
             "llmgw_request_duration_seconds",
             "Whole request time as the client sees it (to the last byte).",
             ["model"],
             buckets=LATENCY_BUCKETS,
-            registry=self.registry,
         )
-        self.overhead = Histogram(
+        self.overhead = LabelledHistogram(
             "llmgw_gateway_overhead_seconds",
             "Time the gateway itself adds to a request routed to a ready engine: parsing, routing and "
             "proxying, i.e. the request time minus the time spent waiting for the engine.",
             ["model"],
             buckets=OVERHEAD_BUCKETS,
-            registry=self.registry,
         )
-        self.cold_start = Histogram(
+        self.cold_start = LabelledHistogram(
             "llmgw_cold_start_seconds",
             "Cold start duration by phase (launching, loading, total).",
             ["model", "phase"],
             buckets=COLD_START_BUCKETS,
-            registry=self.registry,
         )
+        for histogram in (self.latency, self.overhead, self.cold_start):  # in the order of collectors()
+            self.registry.register(histogram)
         self.tokens = Counter(
             "llmgw_tokens",
             "Tokens reported by the engines, by kind (prompt, completion).",
