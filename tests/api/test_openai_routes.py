@@ -220,6 +220,40 @@ async def test_unreachable_engine_is_502(tmp_path: Path) -> None:
         assert_envelope(await client.post("/v1/chat/completions", json=CHAT), 502, "engine_error")
 
 
+async def test_an_engine_that_closes_connections(tmp_path: Path) -> None:
+    """An engine that closes its idle kept-alive connection: the next request goes on a new one;
+    one that hangs up in the middle of a request: a 502 that names it."""
+    answer = json.dumps({"id": "x", "object": "chat.completion", "choices": []}).encode()
+    hang_up = asyncio.Event()
+
+    async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        if not hang_up.is_set():
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                % (len(answer), answer)
+            )
+            await writer.drain()
+        writer.close()  # idle, or in the middle of the request
+
+    server = await asyncio.start_server(engine, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    provider = FakeProvider(endpoint=f"http://127.0.0.1:{port}")
+    try:
+        async with running_gateway(make_settings(tmp_path), provider) as (_, client):
+            for _ in range(3):
+                response = await client.post("/v1/chat/completions", json=CHAT)
+                assert response.status_code == 200 and response.content == answer
+                await asyncio.sleep(0.05)  # the engine closed the idle connection meanwhile
+            hang_up.set()
+            error = assert_envelope(await client.post("/v1/chat/completions", json=CHAT), 502, "engine_error")
+            assert error["message"] == "The engine for org/chat did not answer: ServerDisconnected"
+    finally:
+        server.close()
+
+
 async def test_usage_recorded_off_the_request_path(tmp_path: Path, stub_url: str) -> None:
     provider = FakeProvider(endpoint=stub_url)
     async with running_gateway(make_settings(tmp_path), provider) as (app, client):
