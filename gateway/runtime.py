@@ -1,14 +1,16 @@
-"""The gateway's object graph and its life: built by `Runtime.build`, started once this
-process holds the controller lease, stopped step by step so that one failing step skips
-nothing. `create_app` (app.py) puts the HTTP routes on top."""
+"""The gateway's object graph and its life: built by `Runtime.build`, started at once (every
+gateway serves), acting once this process holds the controller lease (until then it follows:
+gateway/fleet), stopped step by step so that one failing step skips nothing. `create_app`
+(app.py) puts the HTTP routes on top."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.accounting.ledger import Ledger, PriceBook
 from gateway.accounting.loop_lag import watch_loop_lag
@@ -26,8 +28,12 @@ from gateway.control.fencing import FencedProvider
 from gateway.control.lease import ControllerLease, stop_this_process
 from gateway.control.reaper import Reaper
 from gateway.control.reconcile import reconcile
+from gateway.fleet.follower import Follower
+from gateway.fleet.launches import LaunchRequests
+from gateway.fleet.notify import Listener, listens
 from gateway.proxy.upstream import Proxy
 from state import Store
+from state.fleet_store import DEPLOYMENTS_CHANNEL, REPORTS_CHANNEL
 from state.writer import Writer
 from tasks.local import LocalConfig, LocalProvider
 from tasks.provider import Provider
@@ -126,8 +132,12 @@ class Runtime:
     proxy: Proxy
     gateway: OpenAIGateway
     keys: KeyRing
+    follower: Follower
+    launches: LaunchRequests
     on_lease_lost: Callable[[], None] = stop_this_process
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _lease_task: asyncio.Task[None] | None = None
+    acted: bool = False  # this process held the lease and ran the control loop
 
     @classmethod
     def build(
@@ -182,6 +192,16 @@ class Runtime:
             on_engine_error=controller.engine_error,
             keys=keys,
         )
+        follower = Follower(
+            settings=settings,
+            store=store,
+            writer=writer,
+            clock=clock,
+            activity=activity,
+            gateway_id=lease.holder,
+            engine_key=ctx.engine_key,
+            cold_start_timeout=ctx.cold_start_timeout_seconds,
+        )
         return cls(
             settings=settings,
             provider=provider,
@@ -195,46 +215,78 @@ class Runtime:
             reaper=Reaper(controller, usage, settings),
             proxy=proxy,
             gateway=OpenAIGateway(
-                settings=settings, catalog=catalog, controller=controller, proxy=proxy, keys=keys
+                settings=settings,
+                catalog=catalog,
+                controller=controller,
+                proxy=proxy,
+                keys=keys,
+                follower=follower,
             ),
             keys=keys,
+            follower=follower,
+            launches=LaunchRequests(controller),
             on_lease_lost=on_lease_lost,
         )
 
     async def start(self) -> None:
-        """Stand by until this process holds the lease, then reconcile and run the control loop."""
-        await self.lease.acquire()  # one control loop per database
-        self._tasks.append(asyncio.create_task(self.lease.keep(self._lease_lost), name="controller lease"))
-        catalog, store = self.catalog, self.store
-        catalog.load_overrides(store.overrides())
-        records = [
-            {"id": s.id, "gpus_per_replica": s.gpus_per_replica, "priority": s.priority, "kind": s.kind}
-            for s in catalog.specs.values()
-        ]
-        await self.writer.run(store.upsert_models, records)  # off the loop: the lease keeps renewing
+        """Serve at once; act (reconcile, control loop) now if this process gets the lease,
+        else follow the holder until it does."""
         self.keys.load()  # before the first request; then refreshed at the reaper's interval
-        self._tasks.append(
-            asyncio.create_task(self.keys.run(self.settings.reaper_interval_seconds), name="key cache")
-        )
-        await self._check_failsafe()
-        await reconcile(self.controller, catalog, unknown=self.settings.reconcile_unknown)
-        if self.lease.lost:  # while reconciling: this process is stopping (on_lease_lost)
-            return
-        # Series that exist from the start: Prometheus' increase() ignores a series' first sample.
-        self.metrics.known(known_models(catalog, store, self.settings.metrics_known_models))
-        self._tasks.append(self.reaper.start())
-        self._tasks.append(asyncio.create_task(watch_loop_lag(self.metrics.loop_lag), name="loop lag"))
+        self._spawn(self.keys.run(self.settings.reaper_interval_seconds), "key cache")
+        self._spawn(watch_loop_lag(self.metrics.loop_lag), "loop lag")
         flush = self.settings.usage.flush_seconds
-        self._tasks.append(
-            asyncio.create_task(self.usage.run(flush, self.controller.clock), name="usage flush")
-        )
-        log.info("gateway ready: %d models, provider %s", len(catalog.specs), self.provider.name)
+        self._spawn(self.usage.run(flush, self.controller.clock), "usage flush")
+        if listens(self.settings.resolved_database_url):
+            handlers = {DEPLOYMENTS_CHANNEL: self.follower.wake, REPORTS_CHANNEL: self.launches.wake}
+            self._spawn(Listener(self.settings.resolved_database_url, handlers).run(), "fleet notify")
+        if await self.lease.try_once():
+            self.follower.active = False
+            await self._act()
+        else:
+            log.warning("another gateway holds the controller lease: serving as a follower")
+            self._spawn(self.follower.run_refresh(), "fleet routes")
+            self._spawn(self.follower.run_reports(), "fleet reports")
+            await self.follower.refresh()  # routes before the first request
+            self._spawn(self._follow(), "follower")
         if not self.settings.keys_required:
             log.warning(
                 "client_auth is open: anyone who reaches %s:%d may use and start every model",
                 self.settings.host,
                 self.settings.port,
             )
+
+    async def _follow(self) -> None:
+        """Until this process holds the lease; then it acts, and the controller routes."""
+        await self.lease.acquire(self.settings.fleet.takeover_poll_seconds)
+        log.warning("controller lease taken over: this gateway now acts")
+        await self._act()
+
+    async def _act(self) -> None:
+        """Reconcile, then run the control loop (this process holds the lease)."""
+        self.acted = True
+        self._lease_task = asyncio.create_task(self.lease.keep(self._lease_lost), name="controller lease")
+        catalog, store = self.catalog, self.store
+        catalog.load_overrides(await asyncio.to_thread(store.overrides))
+        records = [
+            {"id": s.id, "gpus_per_replica": s.gpus_per_replica, "priority": s.priority, "kind": s.kind}
+            for s in catalog.specs.values()
+        ]
+        await self.writer.run(store.upsert_models, records)  # off the loop: the lease keeps renewing
+        await self._check_failsafe()
+        await reconcile(self.controller, catalog, unknown=self.settings.reconcile_unknown)
+        if self.lease.lost:  # while reconciling: this process is stopping (on_lease_lost)
+            return
+        # The controller routes from here on (a follower's waiters admitted so far are still
+        # served by it); not earlier: a start during the reconcile would be taken for a stale one.
+        self.follower.active = False
+        # Series that exist from the start: Prometheus' increase() ignores a series' first sample.
+        self.metrics.known(known_models(catalog, store, self.settings.metrics_known_models))
+        self._tasks.append(self.reaper.start())
+        self._spawn(self.launches.run(), "fleet launch requests")
+        log.info("gateway ready: %d models, provider %s", len(catalog.specs), self.provider.name)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def _check_failsafe(self) -> None:
         """Engines a dead gateway leaves must end by themselves (SkyPilot's autodown): checked,
@@ -263,12 +315,15 @@ class Runtime:
         log.error("ledger: %d writes not written at shutdown", self.controller.ctx.ledger.pending)
 
     async def stop(self) -> None:
-        """Each step runs whatever the one before it did: one failure skips nothing."""
-        lease_task, loop_tasks = (self._tasks[0], self._tasks[1:]) if self._tasks else (None, [])
+        """Each step runs whatever the one before it did: one failure skips nothing. A gateway
+        that never acted stops no engine (they are the holder's)."""
+        lease_task, loop_tasks = self._lease_task, self._tasks
         for task in loop_tasks:
             task.cancel()
         await asyncio.gather(*loop_tasks, return_exceptions=True)
-        await _guarded(self.controller.shutdown)
+        if self.acted:
+            await _guarded(self.controller.shutdown)
+        self.controller.closing = True
         await _guarded(self.reaper.settle)
         if lease_task is not None:
             lease_task.cancel()
@@ -278,6 +333,7 @@ class Runtime:
             self.lease.release,
             self.controller.flush_activity,
             self.usage.flush,
+            self.follower.close,
             self.proxy.close,
             self.provider.close,
             self.writer.close,

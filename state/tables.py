@@ -250,3 +250,21 @@ class UsageMinute(SQLModel, table=True):
     lat_120s: int = 0
     lat_300s: int = 0
     lat_inf: int = 0
+
+
+class GatewayReport(SQLModel, table=True):
+    """What one gateway process of a fleet reports about one model: its requests in flight (in
+    all and per deployment, as JSON), those waiting for a start, and its last request. Written by
+    every gateway that is not the lease holder; the holder reads the fresh ones: waiting requests
+    for a model with no live deployment are a launch request, in-flight counts and last-used
+    times feed idle teardown, drains and the autoscaler. A row is the gateway's newest report."""
+
+    __tablename__ = "gateway_reports"
+
+    gateway_id: str = Field(primary_key=True, max_length=256)  # its lease holder id
+    model: str = Field(primary_key=True, max_length=256)
+    in_flight: int = 0
+    waiting: int = 0
+    deployments: str = "{}"  # JSON: deployment id -> requests in flight
+    last_used_at: datetime | None = _ts()
+    reported_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))

@@ -51,6 +51,10 @@ class Waiter:
         self._left = False
 
     @property
+    def model(self) -> str:
+        return self.runner.model
+
+    @property
     def phase(self) -> str:
         return self.runner.state.value
 
@@ -246,13 +250,13 @@ class Controller:
         self._waiting[model] = self._waiting.get(model, 0) + 1
         return Waiter(self, runner)
 
-    def load(self, spec: ModelSpec) -> DeploymentRunner:
-        """Start `spec` unless it is ready or starting (an admin's load, a pre-warm): no request
-        waits, so nothing joins the queue."""
+    def load(self, spec: ModelSpec, started_by: str | None = ADMIN) -> DeploymentRunner:
+        """Start `spec` unless it is ready or starting (an admin's load, a pre-warm, another
+        gateway's requests): no request waits here, so nothing joins the queue."""
         runner = next((r for r in self.runners(spec.id) if r.serving or r.starting), None)
         if runner is None:
             self._refuse_when_closing(spec.id)
-        return runner or self._start(spec, {}, ADMIN)
+        return runner or self._start(spec, {}, started_by)
 
     def starting(self, model: str) -> bool:
         """A start of `model` is under way (a request may join it without starting anything)."""
@@ -364,7 +368,9 @@ class Controller:
                     model=model,
                     ready=ready,
                     starting=sum(r.starting for r in runners),
-                    load=self.ctx.activity.in_flight(model) + self.waiting(model),
+                    load=self.ctx.activity.in_flight(model)
+                    + self.waiting(model)
+                    + self.ctx.activity.remote_waiting(model),  # the fleet's too
                     min_replicas=spec.replicas.min,
                     max_replicas=spec.replicas.max,
                     target=spec.target_in_flight_per_replica,
