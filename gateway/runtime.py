@@ -321,6 +321,9 @@ class Runtime:
         for task in loop_tasks:
             task.cancel()
         await asyncio.gather(*loop_tasks, return_exceptions=True)
+        # Nobody reads the other gateways' reports any more: their counts must not hold up
+        # the drains of the shutdown.
+        self.controller.activity.set_remote({}, {}, {}, {})
         if self.acted:
             await _guarded(self.controller.shutdown)
         self.controller.closing = True

@@ -54,7 +54,7 @@ class EndedStart:
 @dataclass(frozen=True)
 class FleetView:
     ready: list[ReadyDeployment]
-    starting: frozenset[str]  # models with a deployment on its way up
+    starting: dict[str, str]  # models with a deployment on its way up, and its state
     ended: list[EndedStart]  # starts that ended since the time asked for, oldest first
 
 
@@ -77,20 +77,22 @@ class FleetStore:
         q = sa_select(
             t.c.id, t.c.model, t.c.state, t.c.endpoint, t.c.error, t.c.failed_at, t.c.stopped_at
         ).where(live | ended)
-        ready, starting, out = [], set(), []
+        ready: list[ReadyDeployment] = []
+        starting: dict[str, str] = {}
+        out: list[EndedStart] = []
         with self.engine.connect() as conn:
             for dep_id, model, state, endpoint, error, failed_at, stopped_at in conn.execute(q):
                 if state == DeploymentState.READY.value and endpoint:
                     ready.append(ReadyDeployment(dep_id, model, endpoint))
                 elif state in _STARTING:
-                    starting.add(model)
+                    starting[model] = max(starting.get(model, state), state, key=_STARTING.index)
                 elif state in _TERMINAL:
                     at = failed_at or stopped_at
                     assert at is not None
                     failed = state == DeploymentState.FAILED.value
                     out.append(EndedStart(dep_id, model, failed, error, at))
         out.sort(key=lambda e: e.ended_at)
-        return FleetView(ready, frozenset(starting), out)
+        return FleetView(ready, starting, out)
 
     def write_reports(
         self, gateway_id: str, rows: Collection[Mapping[str, Any]], *, at: datetime, urgent: bool = False

@@ -101,9 +101,10 @@ class Activity:
         by_deployment: Mapping[str, int],
         waiting: Mapping[str, int],
         last_used: Mapping[str, datetime],
+        used_of: Mapping[str, datetime] | None = None,
     ) -> None:
         """What the other gateways of a fleet reported (the newest reports replace the counts;
-        last-used times only move forward)."""
+        last-used times, of models and of deployments, only move forward)."""
         self._remote, self._remote_of = dict(in_flight), dict(by_deployment)
         self._remote_waiting = dict(waiting)
         for model, at in last_used.items():
@@ -112,6 +113,9 @@ class Activity:
             if (known := self._last_used.get(model)) is None or at > known:
                 self._last_used[model] = at
                 self._dirty.add(model)
+        for deployment_id, at in (used_of or {}).items():
+            if (known := self._last_request_of.get(deployment_id)) is None or at > known:
+                self._last_request_of[deployment_id] = at
         for deployment_id in [d for d in self._idle if self.in_flight_of(d) == 0]:
             self._idle.pop(deployment_id).set()
 

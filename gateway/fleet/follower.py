@@ -30,7 +30,7 @@ from gateway.control.activity import Activity
 from gateway.control.controller import RETRY_AFTER_QUEUE_FULL
 from gateway.control.fleet import Failure, Route
 from gateway.control.runner import RETRY_AFTER_CANCELLED, RETRY_AFTER_CAPACITY, RETRY_AFTER_COLD_START
-from state import DeploymentState, Store
+from state import Store
 from state.fleet_store import EndedStart, FleetView
 from state.writer import Writer
 
@@ -123,12 +123,12 @@ class Follower:
         self.pending: dict[str, list[_Waiting]] = {}
         self._routes: dict[str, list[Route]] = {}
         self._model_of: dict[str, str] = {}  # deployment id -> model
-        self._starting: frozenset[str] = frozenset()
+        self._starting: dict[str, str] = {}  # model -> the state of its start
         self._failures: dict[str, Failure] = {}
         self._ended: dict[str, EndedStart] = {}  # the newest start of each model that ended
         self._wake = asyncio.Event()
         self._report_now = asyncio.Event()
-        self._reported_last_used: dict[str, datetime] = {}
+        self._reported_nothing = False  # the last report was empty (no need to write another)
         self._report: Future[None] | None = None
 
     # -- what the OpenAI routes ask ----------------------------------------------------------
@@ -149,7 +149,8 @@ class Follower:
         return model in self._starting
 
     def phase(self, model: str) -> str:
-        return DeploymentState.PENDING.value if model in self._starting else REQUESTED
+        """The state of the model's start as the store has it (`requested` until it exists)."""
+        return self._starting.get(model, REQUESTED)
 
     def admit(
         self, spec: ModelSpec, secrets: Mapping[str, str] | None = None, *, started_by: str | None = None
@@ -219,14 +220,18 @@ class Follower:
     # -- reports -----------------------------------------------------------------------------
 
     def report_rows(self) -> list[dict[str, Any]]:
-        """This gateway's models with requests in flight or waiting, or used since the last report."""
+        """This gateway's models with requests in flight or waiting, or used lately (within the
+        reports' lifetime: a report the holder missed is repeated, not lost); per model, its
+        deployments in flight or used lately (0 in flight)."""
         by_model, by_deployment = self.activity.local_in_flight() if self.active else ({}, {})
+        lately = self.clock() - timedelta(seconds=REPORT_LIFETIMES * self.settings.fleet.report_seconds)
+        used = self._used_since(lately)
         deployments: dict[str, dict[str, int]] = {}
-        for dep_id, n in by_deployment.items():
+        for dep_id in {*by_deployment, *(d for d in self._model_of if self._used_of(d, lately))}:
             if (model := self._model_of.get(dep_id)) is not None:
-                deployments.setdefault(model, {})[dep_id] = n
+                deployments.setdefault(model, {})[dep_id] = by_deployment.get(dep_id, 0)
         rows = []
-        for model in sorted({*by_model, *self.waiting, *self._used_since_report()}):
+        for model in sorted({*by_model, *self.waiting, *used}):
             rows.append(
                 {
                     "model": model,
@@ -238,25 +243,24 @@ class Follower:
             )
         return rows
 
-    def _used_since_report(self) -> list[str]:
+    def _used_since(self, lately: datetime) -> list[str]:
         if not self.active:
             return []
-        used = []
-        for model in {*self._reported_last_used, *self._model_names()}:
-            at = self.activity.last_request(model)
-            if at is not None and at != self._reported_last_used.get(model):
-                self._reported_last_used[model] = at
-                used.append(model)
-        return used
+        models = {*self._routes, *self.activity.local_in_flight()[0]}
+        return [m for m in models if (at := self.activity.last_request(m)) is not None and at >= lately]
 
-    def _model_names(self) -> set[str]:
-        return {*self._routes, *self.activity.local_in_flight()[0]}
+    def _used_of(self, deployment_id: str, lately: datetime) -> bool:
+        at = self.activity.last_request_of(deployment_id)
+        return self.active and at is not None and at >= lately
 
     def report(self, urgent: bool) -> bool:
         """Hand the report to the writer; False if the previous one is not written yet."""
         if self._report is not None and not self._report.done():
             return False
         rows = self.report_rows()
+        if not rows and self._reported_nothing:
+            return True
+        self._reported_nothing = not rows
         self._report = self.writer.submit(
             self.store.write_reports, self.gateway_id, rows, at=self.clock(), urgent=urgent
         )

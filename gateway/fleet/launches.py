@@ -57,16 +57,18 @@ class LaunchRequests:
         by_deployment: dict[str, int] = {}
         waiting: dict[str, int] = {}
         last_used: dict[str, datetime] = {}
+        used_of: dict[str, datetime] = {}  # by deployment: its model's last request there
         for r in reports:
             in_flight[r.model] = in_flight.get(r.model, 0) + r.in_flight
             waiting[r.model] = waiting.get(r.model, 0) + r.waiting
+            at = r.last_used_at
             for dep_id, n in json.loads(r.deployments or "{}").items():
                 by_deployment[dep_id] = by_deployment.get(dep_id, 0) + int(n)
-            if r.last_used_at is not None and (
-                r.model not in last_used or r.last_used_at > last_used[r.model]
-            ):
-                last_used[r.model] = r.last_used_at
-        self.controller.activity.set_remote(in_flight, by_deployment, waiting, last_used)
+                if at is not None:
+                    used_of[dep_id] = max(at, used_of.get(dep_id, at))
+            if at is not None:
+                last_used[r.model] = max(at, last_used.get(r.model, at))
+        self.controller.activity.set_remote(in_flight, by_deployment, waiting, last_used, used_of)
         return [m for m, n in sorted(waiting.items()) if n > 0 and self._launch(m)]
 
     def _launch(self, model: str) -> bool:

@@ -50,6 +50,13 @@ async def follower_of(
         yield app, client
 
 
+async def report_now(app: FastAPI) -> None:
+    """The follower's report, written (after one its own loop may have in flight)."""
+    await app.state.writer.barrier()
+    assert app.state.runtime.follower.report(urgent=False)
+    await app.state.writer.barrier()
+
+
 async def eventually(predicate: Any, timeout: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
@@ -162,13 +169,15 @@ async def test_followers_reports_keep_a_model_hot_and_stale_ones_do_not(
             await follower.state.runtime.follower.refresh()
             clock.advance(50)
             assert (await client.post("/v1/chat/completions", json=CHAT_BODY)).status_code == 200
-            follower.state.runtime.follower.report(urgent=False)
-            await follower.state.writer.barrier()
+            await report_now(follower)
             launches = holder.state.runtime.launches
             assert await launches.tick(clock()) == []  # ready: nothing to launch
+            [dep_id] = [r.id for r in holder.state.controller.runners()]
+            used_here = clock()
+            # Per deployment too (the ledger's serving time): its last request was there.
+            assert holder.state.controller.activity.last_request_of(dep_id) == used_here
             # 59 s after the holder's own last request, 9 s after the follower's: kept hot.
             assert await holder.state.reaper.tick(clock.advance(9)) == []
-            [dep_id] = [r.id for r in holder.state.controller.runners()]
             # A follower gone quiet: its report goes stale and counts no more.
             clock.advance(REPORT_LIFETIMES * FLEET["report_seconds"] + 60)
             await launches.tick(clock())
@@ -189,8 +198,7 @@ async def test_requests_in_flight_on_a_follower_hold_off_the_idle_stop(tmp_path:
                 )
                 runtime = follower.state.runtime
                 await eventually(lambda: runtime.follower.activity.local_in_flight()[0] != {})
-                runtime.follower.report(urgent=False)
-                await follower.state.writer.barrier()
+                await report_now(follower)
                 await holder.state.runtime.launches.tick(clock())
                 [dep_id] = [r.id for r in holder.state.controller.runners()]
                 assert holder.state.controller.activity.in_flight_of(dep_id) == 1
@@ -250,3 +258,19 @@ async def test_reports_feed_the_autoscalers_load(tmp_path: Path, stub_url: str, 
         activity = holder.state.controller.activity
         assert activity.in_flight("org/chat") == n and activity.remote_waiting("org/chat") == 2
         await holder.state.controller.settle()
+
+
+async def test_admin_calls_that_act_go_to_the_holder(tmp_path: Path, stub_url: str, db_url: str) -> None:
+    settings = fleet_settings(tmp_path, db_url)
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    on_holder, on_follower = FakeProvider(endpoint=stub_url), FakeProvider(endpoint=stub_url)
+    async with (
+        running_gateway(settings, on_holder) as (_, holder_client),
+        follower_of(settings, on_follower) as (_, client),
+    ):
+        refused = await client.post("/admin/models/org/chat/load", headers=auth)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_lease_holder"
+        assert (await client.get("/admin/models", headers=auth)).status_code == 200  # reads are fine
+        assert (await holder_client.post("/admin/models/org/chat/load", headers=auth)).status_code == 202
+        await eventually(lambda: Store(db_url).deployments() != [])
+        assert on_follower.launches == [] and Store(db_url).deployments()[0].started_by == "admin"
