@@ -25,6 +25,7 @@ from gateway.control.activity import Activity
 from gateway.control.context import ControlContext, gateway_secret, new_deployment_id
 from gateway.control.controller import Controller
 from gateway.control.fencing import FencedProvider
+from gateway.control.fleet import Route
 from gateway.control.lease import ControllerLease, stop_this_process
 from gateway.control.reaper import Reaper
 from gateway.control.reconcile import reconcile
@@ -183,15 +184,6 @@ class Runtime:
         )
         controller = Controller(ctx)
         keys = KeyRing(store, writer, clock, enabled=settings.keys_required)
-        proxy = Proxy(
-            settings.upstream_timeout_seconds,
-            activity,
-            usage,
-            clock,
-            metrics,
-            on_engine_error=controller.engine_error,
-            keys=keys,
-        )
         follower = Follower(
             settings=settings,
             store=store,
@@ -201,6 +193,15 @@ class Runtime:
             gateway_id=lease.holder,
             engine_key=ctx.engine_key,
             cold_start_timeout=ctx.cold_start_timeout_seconds,
+        )
+        proxy = Proxy(
+            settings.upstream_timeout_seconds,
+            activity,
+            usage,
+            clock,
+            metrics,
+            on_engine_error=engine_errors(controller, follower),
+            keys=keys,
         )
         return cls(
             settings=settings,
@@ -344,6 +345,17 @@ class Runtime:
             await _guarded(step)
         self.store.close()
         log.info("gateway stopped")
+
+
+def engine_errors(controller: Controller, follower: Follower) -> Callable[[Route, str], None]:
+    """Where the proxy reports an engine it could not reach: the holder's controller checks
+    its own engines; a follower tells the holder in its next report."""
+
+    def told(route: Route, reason: str) -> None:
+        controller.engine_error(route, reason)
+        follower.engine_error(route, reason)
+
+    return told
 
 
 def usage_recorder(settings: Settings, store: Store, metrics: Metrics, writer: Writer) -> UsageRecorder:

@@ -257,7 +257,8 @@ class GatewayReport(SQLModel, table=True):
     all and per deployment, as JSON), those waiting for a start, and its last request. Written by
     every gateway that is not the lease holder; the holder reads the fresh ones: waiting requests
     for a model with no live deployment are a launch request, in-flight counts and last-used
-    times feed idle teardown, drains and the autoscaler. A row is the gateway's newest report."""
+    times feed idle teardown, drains and the autoscaler, an engine it could not reach is checked.
+    A row is the gateway's newest report."""
 
     __tablename__ = "gateway_reports"
 
@@ -266,5 +267,6 @@ class GatewayReport(SQLModel, table=True):
     in_flight: int = 0
     waiting: int = 0
     deployments: str = "{}"  # JSON: deployment id -> requests in flight
+    failing: str = "[]"  # JSON: deployments it could not reach since its last report
     last_used_at: datetime | None = _ts()
     reported_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))

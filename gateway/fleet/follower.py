@@ -130,6 +130,7 @@ class Follower:
         self._report_now = asyncio.Event()
         self._reported_nothing = False  # the last report was empty (no need to write another)
         self._report: Future[None] | None = None
+        self._failing: set[str] = set()  # deployments the proxy could not reach since the report
 
     # -- what the OpenAI routes ask ----------------------------------------------------------
 
@@ -168,6 +169,12 @@ class Follower:
             self._report_now.set()  # the holder hears of it at once
         self.waiting[model] = self.waiting.get(model, 0) + 1
         return FollowerWaiter(self, model, self.clock())
+
+    def engine_error(self, route: Route, reason: str) -> None:
+        """The proxy could not reach an engine: the holder is told (it checks the engine)."""
+        if self.active and route.deployment_id is not None:
+            self._failing.add(route.deployment_id)
+            self._report_now.set()
 
     # -- the store, read ---------------------------------------------------------------------
 
@@ -230,14 +237,20 @@ class Follower:
         for dep_id in {*by_deployment, *(d for d in self._model_of if self._used_of(d, lately))}:
             if (model := self._model_of.get(dep_id)) is not None:
                 deployments.setdefault(model, {})[dep_id] = by_deployment.get(dep_id, 0)
+        failing: dict[str, list[str]] = {}
+        for dep_id in sorted(self._failing):
+            if (model := self._model_of.get(dep_id)) is not None:
+                failing.setdefault(model, []).append(dep_id)
+        self._failing.clear()
         rows = []
-        for model in sorted({*by_model, *self.waiting, *used}):
+        for model in sorted({*by_model, *self.waiting, *used, *failing}):
             rows.append(
                 {
                     "model": model,
                     "in_flight": by_model.get(model, 0),
                     "waiting": self.waiting.get(model, 0),
                     "deployments": json.dumps(deployments.get(model, {})),
+                    "failing": json.dumps(failing.get(model, [])),
                     "last_used_at": self.activity.last_request(model),
                 }
             )

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 
 from gateway.api.errors import GatewayError
 from gateway.control.controller import Controller
+from gateway.control.fleet import Route
 from gateway.fleet.follower import REPORT_LIFETIMES, wait_or_timeout
 from state.tables import GatewayReport
 
@@ -53,6 +54,7 @@ class LaunchRequests:
         return self.apply(reports)
 
     def apply(self, reports: Iterable[GatewayReport]) -> list[str]:
+        reports = list(reports)
         in_flight: dict[str, int] = {}
         by_deployment: dict[str, int] = {}
         waiting: dict[str, int] = {}
@@ -69,7 +71,16 @@ class LaunchRequests:
             if at is not None:
                 last_used[r.model] = max(at, last_used.get(r.model, at))
         self.controller.activity.set_remote(in_flight, by_deployment, waiting, last_used, used_of)
+        self._check_failing(reports)
         return [m for m, n in sorted(waiting.items()) if n > 0 and self._launch(m)]
+
+    def _check_failing(self, reports: Iterable[GatewayReport]) -> None:
+        """Engines another gateway could not reach: checked as if this one had failed to (the
+        runner probes its engine and stops it as failed if it is gone)."""
+        for r in reports:
+            for dep_id in json.loads(r.failing or "[]"):
+                route = Route(model=r.model, base_url="", deployment_id=str(dep_id))
+                self.controller.engine_error(route, f"unreachable from gateway {r.gateway_id}")
 
     def _launch(self, model: str) -> bool:
         controller = self.controller

@@ -274,3 +274,21 @@ async def test_admin_calls_that_act_go_to_the_holder(tmp_path: Path, stub_url: s
         assert (await holder_client.post("/admin/models/org/chat/load", headers=auth)).status_code == 202
         await eventually(lambda: Store(db_url).deployments() != [])
         assert on_follower.launches == [] and Store(db_url).deployments()[0].started_by == "admin"
+
+
+async def test_an_engine_a_follower_cannot_reach_is_checked_by_the_holder(
+    tmp_path: Path, db_url: str
+) -> None:
+    settings = fleet_settings(tmp_path, db_url)
+    on_holder = FakeProvider(endpoint="http://127.0.0.1:9", healthy=False)  # "ready", then gone
+    async with (
+        running_gateway(settings, on_holder) as (holder, _),
+        follower_of(settings, FakeProvider()) as (follower, client),
+    ):
+        holder.state.controller.load(holder.state.catalog.resolve("org/chat"))
+        await eventually(lambda: holder.state.controller.route("org/chat") is not None)
+        await follower.state.runtime.follower.refresh()
+        reply = await client.post("/v1/chat/completions", json=CHAT_BODY)
+        assert reply.status_code == 502 and reply.json()["error"]["type"]
+        await eventually(lambda: [d.state for d in Store(db_url).deployments()] == ["failed"])
+        assert [e.kind for e in Store(db_url).events(kind="engine-failed")] == ["engine-failed"]

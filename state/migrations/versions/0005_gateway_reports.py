@@ -24,6 +24,7 @@ def upgrade() -> None:
         sa.Column("in_flight", sa.Integer(), nullable=False),
         sa.Column("waiting", sa.Integer(), nullable=False),
         sa.Column("deployments", sa.String(), nullable=False),
+        sa.Column("failing", sa.String(), nullable=False),
         sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("reported_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("gateway_id", "model"),
