@@ -107,6 +107,18 @@ def run(ctx: Context) -> BenchResult:
         ),
         Row(
             NAME,
+            "longest loop-thread CPU at a stretch in a tick",
+            max(raw["hold_cpu_ms"]),
+            "ms",
+            baseline=f"no deployments {max(raw['baseline_hold_cpu_ms']):.2f} ms",
+            subject=scale,
+            target=target,
+            note="quiet, wake-up and busy ticks: the CPU the loop's thread spent between two turns of "
+            "the probe, i.e. a hold without the time the OS or the writer's thread (GIL) took; on a "
+            "loaded machine the wall-clock holds above are mostly that time",
+        ),
+        Row(
+            NAME,
             "cold starts with FakeProvider",
             raw["launch_ms_each"],
             "ms each",
@@ -140,7 +152,7 @@ async def measure(
         assert len(controller.routes) == live, f"{len(controller.routes)} of {live} deployments ready"
         await _timed_tick(reaper, clock)  # flushes what the launches left
         quiet = [await _timed_tick(reaper, clock, probe=n % 2 == 1) for n in range(ticks)]
-        busy: list[tuple[float, float, float]] = []
+        busy: list[Tick] = []
         for _ in range(busy_ticks):
             now = clock.advance(0.5)
             for spec in specs:  # one request per model since the previous tick
@@ -157,39 +169,49 @@ async def measure(
         "baseline_hold_ms": _holds(baseline),
         "quiet_tick_ms": _cpu(quiet),
         "quiet_hold_ms": _holds(quiet),
-        "quiet_tick_wall_ms": [wall for _, wall, _ in quiet],
+        "quiet_tick_wall_ms": [wall for _, wall, _, _ in quiet],
         "wakeup_hold_ms": busy[0][2],
+        "hold_cpu_ms": _holds_cpu([*quiet, *busy]),
+        "baseline_hold_cpu_ms": _holds_cpu(baseline),
         "wakeup_wall_ms": busy[0][1],
         "busy_tick_ms": _cpu(busy[1:]),
         "busy_hold_ms": _holds(busy[1:]),
-        "busy_tick_wall_ms": [wall for _, wall, _ in busy[1:]],
+        "busy_tick_wall_ms": [wall for _, wall, _, _ in busy[1:]],
     }
 
 
-def _cpu(ticks: list[tuple[float, float, float]]) -> list[float]:
-    return [cpu for cpu, _, _ in ticks if not math.isnan(cpu)]
+# (loop-thread CPU ms, wall ms, longest loop hold ms, the loop thread's CPU in that hold ms)
+Tick = tuple[float, float, float, float]
 
 
-def _holds(ticks: list[tuple[float, float, float]]) -> list[float]:
-    return [hold for _, _, hold in ticks if not math.isnan(hold)]
+def _cpu(ticks: list[Tick]) -> list[float]:
+    return [cpu for cpu, _, _, _ in ticks if not math.isnan(cpu)]
 
 
-async def _timed_tick(reaper: Any, clock: FakeClock, *, probe: bool = False) -> tuple[float, float, float]:
+def _holds(ticks: list[Tick]) -> list[float]:
+    return [hold for _, _, hold, _ in ticks if not math.isnan(hold)]
+
+
+def _holds_cpu(ticks: list[Tick]) -> list[float]:
+    return [hold for _, _, _, hold in ticks if not math.isnan(hold)]
+
+
+async def _timed_tick(reaper: Any, clock: FakeClock, *, probe: bool = False) -> Tick:
     """(loop-thread CPU ms, wall ms, longest loop hold ms) of one tick. The hold is measured by a
     task that yields in a loop (the longest gap between two of its turns: what a request arriving
     during the tick waits at most); it spins while the tick waits, so such a tick's CPU is not
     reported (nan) and CPU comes from ticks without the probe."""
     now = clock.advance(TICK_SECONDS)
-    gaps: list[float] = []
+    gaps: list[tuple[float, float]] = []  # (wall, loop-thread CPU) between two turns
     running = True
 
     async def turns() -> None:
-        last = time.perf_counter()
+        last, last_cpu = time.perf_counter(), time.thread_time()
         while running:
             await asyncio.sleep(0)
-            t = time.perf_counter()
-            gaps.append(t - last)
-            last = t
+            t, t_cpu = time.perf_counter(), time.thread_time()
+            gaps.append((t - last, t_cpu - last_cpu))
+            last, last_cpu = t, t_cpu
 
     task = asyncio.create_task(turns()) if probe else None
     await asyncio.sleep(0)
@@ -200,5 +222,6 @@ async def _timed_tick(reaper: Any, clock: FakeClock, *, probe: bool = False) -> 
     if task is not None:
         await task
     await asyncio.sleep(0)
-    hold = max(gaps) * 1000 if gaps else math.nan
-    return (math.nan if probe else round(cpu, 3)), round(elapsed, 3), round(hold, 3)
+    hold = max(g for g, _ in gaps) * 1000 if gaps else math.nan
+    hold_cpu = max(c for _, c in gaps) * 1000 if gaps else math.nan
+    return (math.nan if probe else round(cpu, 3)), round(elapsed, 3), round(hold, 3), round(hold_cpu, 3)

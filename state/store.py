@@ -405,6 +405,35 @@ class Store(UsageStore, KeyStore, FleetStore):
                 )
             s.commit()
 
+    def bill_orphan(self, deployment_id: str, cluster: str, *, until: datetime) -> bool:
+        """A cluster the deployment launched ran on after its row ended (its gateway died before
+        recording it) and was stopped at `until`: the deployment's last interval, closed, naming
+        no other cluster and the cluster's latest, is extended to `until` and names it. True if
+        billed so."""
+        with Session(self.engine) as s:
+            last = s.exec(
+                select(CostInterval)
+                .where(col(CostInterval.deployment_id) == deployment_id)
+                .order_by(col(CostInterval.started_at).desc())
+            ).first()
+            if last is None or last.ended_at is None or last.ended_at >= until:
+                return False
+            if last.cluster not in (None, cluster):
+                return False
+            later = s.exec(
+                select(CostInterval).where(
+                    col(CostInterval.cluster) == cluster,
+                    col(CostInterval.deployment_id) != deployment_id,
+                    col(CostInterval.started_at) >= last.started_at,
+                )
+            ).first()
+            if later is not None:  # billed to another deployment since: not this one's to extend
+                return False
+            last.ended_at, last.cluster = until, cluster
+            s.add(last)
+            s.commit()
+            return True
+
     def update_open_interval(self, deployment_id: str, **fields: Any) -> None:
         with Session(self.engine) as s:
             s.exec(

@@ -28,6 +28,7 @@ class FakeProvider:
     stop_delay: float = 0.0
     launch_error: Exception | None = None
     ready_error: Exception | None = None
+    list_error: Exception | None = None  # list() raises it (the provider's API is down)
     name: str = "fake"
     adopt_on_restart: bool = False
     keeps_spares: bool = False
@@ -114,6 +115,8 @@ class FakeProvider:
         self.running.pop(ref.deployment_id, None)
 
     async def list(self, instance_id: str | None = None) -> list[ClusterInfo]:
+        if self.list_error is not None:
+            raise self.list_error
         return [
             ClusterInfo(ref=ref, status="running", model=ref.data.get("model"))
             for ref in self.running.values()

@@ -281,6 +281,12 @@ class Settings(BaseSettings):
     provider_call_timeout_seconds: float = Field(
         120.0, gt=0, description="Any other provider call (probe, heartbeat, list, swap submission)."
     )
+    orphan_sweep_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="How often the control loop lists the provider's clusters and stops those no "
+        "deployment owns (left by a gateway that died mid-launch while the next could not list them).",
+    )
     engine_secret: SecretStr | None = Field(
         None,
         description="Secret from which each engine's API key is derived (HMAC with the deployment id); "

@@ -21,12 +21,14 @@ from gateway.api.errors import unavailable
 from gateway.clock import Clock
 from gateway.config.reference import Catalog, ModelSpec
 from gateway.config.settings import Settings
+from gateway.control import orphans
 from gateway.control.activity import Activity
 from gateway.control.context import ControlContext
 from gateway.control.fleet import Failure, Route, ref_json
 from gateway.control.policies import DeploymentView, expired_failures, heartbeats_due
 from gateway.control.runner import Adoption, DeploymentRunner, StopRequest
 from gateway.control.scaling import Autoscaler, ModelLoad, ReplicaLoad, ScaleAction, scale_down_choice
+from gateway.control.slices import in_slices
 from gateway.control.takeover import Takeover
 from state import Deployment, DeploymentState, Store
 from tasks.provider import CapacityError, ClusterRef, Endpoint, LaunchSpec, Provider
@@ -37,8 +39,6 @@ S = DeploymentState
 RETRY_AFTER_QUEUE_FULL = 5
 # Failsafe heartbeats in flight at once, gateway-wide.
 HEARTBEAT_CONCURRENCY = 8
-# Deployments a control-loop pass handles per turn of the event loop (about 0.1 ms of work).
-SLICE = 50
 
 
 class Waiter:
@@ -152,12 +152,18 @@ class Controller:
     async def views_in_slices(self) -> list[DeploymentView]:
         """`views()` for the control loop: the loop serves requests between slices of
         deployments, so that 1,000 of them do not hold it for milliseconds."""
-        runners = [r for r in self._runners.values() if not r.done]
-        serving = self._serving()
+        runners: list[DeploymentRunner] = []
+        serving: dict[str, int] = {}
+        async for chunk in in_slices(list(self._runners.values())):
+            for runner in chunk:
+                if runner.done:
+                    continue
+                runners.append(runner)
+                if runner.serving:
+                    serving[runner.model] = serving.get(runner.model, 0) + 1
         out: list[DeploymentView] = []
-        for start in range(0, len(runners), SLICE):
-            out.extend(self._view(r, serving) for r in runners[start : start + SLICE] if not r.done)
-            await asyncio.sleep(0)
+        async for chunk in in_slices(runners):
+            out.extend(self._view(r, serving) for r in chunk if not r.done)
         return out
 
     def _views(self) -> list[tuple[DeploymentRunner, DeploymentView]]:
@@ -339,10 +345,10 @@ class Controller:
 
     # -- replicas ---------------------------------------------------------------------------
 
-    def autoscale(self, now: datetime) -> list[ScaleAction]:
+    async def autoscale(self, now: datetime) -> list[ScaleAction]:
         """One round of the replica policy (`scaling.py`) for models that may run more than
         one replica: start one more, or drain and stop the replica with the fewest in flight."""
-        actions = self._autoscaler.decide(self._loads(), now)
+        actions = self._autoscaler.decide(await self._loads(), now)
         for action in actions:
             spec = self.ctx.catalog.resolve(action.model)
             if action.direction == "up" and spec is not None and not spec.external and not self.closing:
@@ -352,33 +358,36 @@ class Controller:
                 self._scale_down(action)
         return actions
 
-    def _loads(self) -> list[ModelLoad]:
-        loads = []
+    async def _loads(self) -> list[ModelLoad]:
+        loads: list[ModelLoad] = []
         by_model: dict[str, list[DeploymentRunner]] = {}
-        for runner in self._runners.values():  # once: 1,000 deployments make 1,000 models
-            by_model.setdefault(runner.model, []).append(runner)
-        for model, runners in sorted(by_model.items()):
-            spec = self.ctx.catalog.resolve(model) or runners[0].spec
-            ready = sum(r.serving for r in runners)
-            if spec.replicas.max <= 1 and ready <= 1:
-                continue  # one engine: the autoscaler has nothing to decide
-            up, down = spec.scale_up_seconds, spec.scale_down_seconds
-            loads.append(
-                ModelLoad(
-                    model=model,
-                    ready=ready,
-                    starting=sum(r.starting for r in runners),
-                    load=self.ctx.activity.in_flight(model)
-                    + self.waiting(model)
-                    + self.ctx.activity.remote_waiting(model),  # the fleet's too
-                    min_replicas=spec.replicas.min,
-                    max_replicas=spec.replicas.max,
-                    target=spec.target_in_flight_per_replica,
-                    up_seconds=up if up is not None else self.ctx.settings.scale_up_seconds,
-                    down_seconds=down if down is not None else self.ctx.settings.scale_down_seconds,
-                )
-            )
+        async for chunk in in_slices(list(self._runners.values())):  # 1,000 deployments, 1,000 models
+            for runner in chunk:
+                by_model.setdefault(runner.model, []).append(runner)
+        async for models in in_slices(sorted(by_model.items())):
+            loads.extend(load for model, runners in models if (load := self._load_of(model, runners)))
         return loads
+
+    def _load_of(self, model: str, runners: list[DeploymentRunner]) -> ModelLoad | None:
+        spec = self.ctx.catalog.resolve(model) or runners[0].spec
+        ready = sum(r.serving for r in runners)
+        if spec.replicas.max <= 1 and ready <= 1:
+            return None  # one engine: the autoscaler has nothing to decide
+        up, down = spec.scale_up_seconds, spec.scale_down_seconds
+        return ModelLoad(
+            model=model,
+            ready=ready,
+            starting=sum(r.starting for r in runners),
+            # in flight here and on the other gateways of a fleet, waiting here and there
+            load=self.ctx.activity.in_flight(model)
+            + self.waiting(model)
+            + self.ctx.activity.remote_waiting(model),
+            min_replicas=spec.replicas.min,
+            max_replicas=spec.replicas.max,
+            target=spec.target_in_flight_per_replica,
+            up_seconds=up if up is not None else self.ctx.settings.scale_up_seconds,
+            down_seconds=down if down is not None else self.ctx.settings.scale_down_seconds,
+        )
 
     def _scale_down(self, action: ScaleAction) -> None:
         serving = {r.id: r for r in self.runners(action.model) if r.serving}
@@ -466,28 +475,15 @@ class Controller:
             runner.request_stop(StopRequest("shutdown-stop", "gateway shutting down", drain=True))
         if runners:
             await asyncio.wait({r.task for r in runners})
-        await self._sweep()
+        await orphans.sweep(self, at_shutdown=True)
 
-    async def _sweep(self) -> None:
-        timeout = self.ctx.settings.provider_call_timeout_seconds
-        try:
-            async with asyncio.timeout(timeout):
-                infos = await self.ctx.provider.list(self.ctx.instance_id)
-        except Exception as exc:
-            log.error("shutdown: cannot list the provider's engines: %s", exc)
-            return
-        owned = {r.ref.name for r in self._runners.values() if r.ref is not None}
-        left = [info.ref for info in infos if info.ref.name not in owned]
-        results = await asyncio.gather(
-            *(
-                asyncio.wait_for(self.ctx.provider.stop(ref), self.ctx.settings.stop_timeout_seconds)
-                for ref in left
-            ),
-            return_exceptions=True,
-        )
-        for ref, result in zip(left, results, strict=True):
-            if isinstance(result, BaseException):
-                log.error("shutdown: stopping %s failed: %s", ref.name, result)
+    def owns(self, ref: ClusterRef) -> bool:
+        """A runner holds the cluster (by name: a takeover or a spare swap moves it to another
+        deployment, its labels keep the first one's id), or its deployment has a runner (a
+        launch in progress holds no ref yet)."""
+        if ref.deployment_id in self._runners:
+            return True
+        return any(r.ref is not None and r.ref.name == ref.name for r in self._runners.values())
 
     def abandon(self) -> None:
         """The lease is lost: every runner stops at once without touching its engine; the new
@@ -563,28 +559,31 @@ class Controller:
         """Tell the ledger which ready deployments served traffic since the previous tick (in
         slices of deployments, the loop serving requests in between)."""
         activity = self.ctx.activity
-        windows = []
-        runners = list(self._runners.values())
-        for start in range(0, len(runners), SLICE):
-            for runner in runners[start : start + SLICE]:
+        async for chunk in in_slices(list(self._runners.values())):
+            windows = []
+            for runner in chunk:
                 if runner.state is S.READY and not runner.done:
                     last = activity.last_request_of(runner.id)  # per replica: an unused one is idle
                     served = activity.in_flight_of(runner.id) > 0 or (last is not None and last > since)
                     windows.append((runner.id, runner.model, served))
-            await asyncio.sleep(0)
-        self.ctx.ledger.activity(windows, since=since)
+            self.ctx.ledger.activity(windows, since=since)  # the ledger writes them in order
         self.ctx.ledger.checked(now)
 
-    def heartbeat_due(self, now: datetime, views: list[DeploymentView]) -> None:
-        """Re-arm the failsafe of every engine held, at the provider's interval (in the
-        background: this returns at once)."""
+    async def heartbeat_due(self, now: datetime, views: list[DeploymentView]) -> None:
+        """Re-arm the failsafe of every engine held, at the provider's interval (the calls run
+        in the background)."""
         interval = self.ctx.provider.heartbeat_interval_seconds
         if interval is None:
             return
-        beats = {r.id: r.last_beat for r in self._runners.values() if r.last_beat is not None}
-        for dep_id in heartbeats_due(views, beats, now, interval):
-            if (runner := self._runners.get(dep_id)) is not None and not runner.done:
-                runner.heartbeat(now)
+        async for chunk in in_slices(views):
+            beats = {}
+            for view in chunk:
+                runner = self._runners.get(view.deployment_id)
+                if runner is not None and runner.last_beat is not None:
+                    beats[runner.id] = runner.last_beat
+            for dep_id in heartbeats_due(chunk, beats, now, interval):
+                if (runner := self._runners.get(dep_id)) is not None and not runner.done:
+                    runner.heartbeat(now)
 
     async def flush_activity(self) -> None:
         """Write the last-used times gathered in memory since the previous flush: the snapshot
@@ -593,7 +592,9 @@ class Controller:
         batch = self.ctx.activity.take_dirty()
         if not batch:
             return
-        deployments = {r.id: batch[r.model] for r in self._runners.values() if r.model in batch}
+        deployments = {}
+        async for chunk in in_slices(list(self._runners.values())):
+            deployments.update({r.id: batch[r.model] for r in chunk if r.model in batch})
         try:
             await self.ctx.writer.run(self.ctx.store.touch_models, batch, deployments)
         except Exception as exc:

@@ -52,11 +52,20 @@ def idle_seconds(view: DeploymentView, now: datetime) -> float:
     return (now - view.last_used).total_seconds()
 
 
-def idle_stops(views: Iterable[DeploymentView], now: datetime) -> list[StopAction]:
+def busy_models(views: Iterable[DeploymentView]) -> set[str]:
+    """Models with a request in flight on one of their replicas."""
+    return {view.model for view in views if view.in_flight > 0}
+
+
+def idle_stops(
+    views: Iterable[DeploymentView], now: datetime, busy: set[str] | None = None
+) -> list[StopAction]:
     """Ready deployments idle longer than their keep-hot time, unless pinned by priority.
-    Idleness is the model's: no replica of it may have a request in flight."""
+    Idleness is the model's: no replica of it may have a request in flight (`busy`: the models
+    with one, if `views` are a slice of all the deployments)."""
     views = list(views)
-    busy = {view.model for view in views if view.in_flight > 0}
+    if busy is None:
+        busy = busy_models(views)
     actions = []
     for view in views:
         if view.state is not DeploymentState.READY or view.model in busy:

@@ -16,16 +16,20 @@ from typing import Any
 from gateway.accounting.export import export_days, finished_days, s3_client
 from gateway.accounting.usage import UsageRecorder
 from gateway.config.settings import Settings
+from gateway.control import orphans
 from gateway.control.controller import Controller
 from gateway.control.policies import (
+    DeploymentView,
     Schedule,
     StopAction,
     after_hours_stops,
+    busy_models,
     cron_fired,
     idle_stops,
     prewarm_due,
     spare_expiries,
 )
+from gateway.control.slices import in_slices
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +52,12 @@ class Reaper:
         # over does not replay the schedules that fired while it stood by.
         self.last_tick: datetime = controller.clock()
         self._background: set[asyncio.Task[object]] = set()
+        self.orphan_sweep_seconds = settings.orphan_sweep_seconds
+        self.last_sweep: datetime = self.last_tick  # reconcile has just listed the provider's clusters
+        self._sweeping: asyncio.Task[list[str]] | None = None
 
     def start(self) -> asyncio.Task[None]:
-        self.last_tick = self.controller.clock()
+        self.last_tick = self.last_sweep = self.controller.clock()
         return asyncio.create_task(self.run(), name="reaper")
 
     async def tick(self, now: datetime) -> list[StopAction]:
@@ -67,22 +74,31 @@ class Reaper:
                 self._spawn(self.controller.stop_model(model, kind=kind, reason=reason))
             applied.extend(after_hours)
         else:
-            for action in [*idle_stops(views, now), *spare_expiries(views, now)]:
-                if self.controller.stop_deployment(
-                    action.deployment_id, kind=action.kind, reason=action.reason, spare=action.spare
-                ):
-                    log.info("%s: %s (%s)", action.model, action.kind, action.reason)
-                    applied.append(action)
-            self.controller.autoscale(now)
+            applied.extend(await self._idle_stops(views, now))
+            await self.controller.autoscale(now)
         for model in prewarm_due(self.prewarm, since, now):
             self._spawn(self._prewarm(model))
         if self.export is not None and cron_fired(self.export.cron, "UTC", since, now):
             self._spawn(self._export(now))
         await self.controller.record_activity(since, now)
         self.controller.expire_failures(now)
-        self.controller.heartbeat_due(now, views)
+        await self.controller.heartbeat_due(now, views)
+        self._sweep_due(now)
         await self.controller.flush_activity()
         await self.controller.ctx.ledger.drain()
+        return applied
+
+    async def _idle_stops(self, views: list[DeploymentView], now: datetime) -> list[StopAction]:
+        """Idle and expired-spare stops, a slice of deployments at a time."""
+        busy = busy_models(views)
+        applied = []
+        async for chunk in in_slices(views):
+            for action in [*idle_stops(chunk, now, busy), *spare_expiries(chunk, now)]:
+                if self.controller.stop_deployment(
+                    action.deployment_id, kind=action.kind, reason=action.reason, spare=action.spare
+                ):
+                    log.info("%s: %s (%s)", action.model, action.kind, action.reason)
+                    applied.append(action)
         return applied
 
     async def _prewarm(self, model: str) -> None:
@@ -120,6 +136,17 @@ class Reaper:
             kind="export", message=f"{len(written)} of {len(results)} files written"
         )
 
+    def _sweep_due(self, now: datetime) -> None:
+        """The orphan sweep (`orphans.py`), in the background like heartbeats: a hung list or
+        stop never holds the tick; one at a time."""
+        if self._sweeping is not None and not self._sweeping.done():
+            return
+        if (now - self.last_sweep).total_seconds() < self.orphan_sweep_seconds:
+            return
+        self.last_sweep = now
+        self._sweeping = asyncio.create_task(orphans.sweep(self.controller), name="orphan sweep")
+        self._track(self._sweeping)
+
     def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         self._track(asyncio.create_task(coro))
 
@@ -134,9 +161,13 @@ class Reaper:
         await self.controller.settle()
 
     async def run(self) -> None:
-        while not self.controller.fenced:
-            await asyncio.sleep(self.interval_seconds)
-            try:
-                await self.tick(self.controller.clock())
-            except Exception:
-                log.exception("reaper tick failed; continuing")
+        try:
+            while not self.controller.fenced:
+                await asyncio.sleep(self.interval_seconds)
+                try:
+                    await self.tick(self.controller.clock())
+                except Exception:
+                    log.exception("reaper tick failed; continuing")
+        finally:  # stopped (shutdown, lease lost): the shutdown's own sweep stops what is left
+            if self._sweeping is not None:
+                self._sweeping.cancel()

@@ -61,12 +61,14 @@ async def _reconcile(controller: Controller, catalog: Catalog, unknown: str) -> 
             ref = by_deployment[dep.id].ref
         if ref is None or ref.provider != controller.provider.name:
             # No cluster is recorded or listed for it (a launch that found no capacity, say,
-            # whose gateway could not write that down): billed only while a gateway saw it.
+            # whose gateway could not write that down): billed only while a gateway saw it. If
+            # the list failed and its launch did make a cluster, the orphan sweep stops that and
+            # bills it to this row up to then (orphans.py).
             await _close_stale(
                 controller,
                 dep,
                 f"left {dep.state} by an earlier gateway process; no engine found",
-                partial(_last_checked, controller, dep) if listed is not None else _now,
+                partial(_last_checked, controller, dep),
             )
             continue
         found = _take(listed, ref) if listed is not None else None

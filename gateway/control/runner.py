@@ -348,9 +348,10 @@ class DeploymentRunner:
                 self.last_beat = self.ctx.clock()  # the launch armed the failsafe
                 self.hold(self.ref)
                 ref = self.ref
-                self.ctx.writer.submit(
-                    self.ctx.store.update_deployment, self.id, cluster=ref.name, handle=ref_json(ref)
-                )
+                if self.ctx.acting():  # else the row is the new lease holder's: its sweep finds ref
+                    self.ctx.writer.submit(
+                        self.ctx.store.update_deployment, self.id, cluster=ref.name, handle=ref_json(ref)
+                    )
                 await self._move(S.LOADING)
             assert self.ref is not None
             endpoint = await self.ctx.provider.wait_ready(self.ref)

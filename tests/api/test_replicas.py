@@ -70,9 +70,9 @@ async def test_scale_up_route_to_both_scale_down_then_idle_stop(tmp_path: Path, 
         assert len(ctl.runners("hot")) == 1  # high for 9 s only
         await reaper.tick(clock.advance(1))
         assert len(ctl.runners("hot")) == 2  # high for 10 s: a second replica
+        await asyncio.wait({r.ready for r in ctl.runners("hot")})
         [up] = app.state.store.events(model="hot", kind="launch")[1:]
         assert "replica requested" in up.message and "per ready replica > target 1" in up.message
-        await asyncio.wait({r.ready for r in ctl.runners("hot")})
         await reaper.tick(clock.advance(1))
         assert len(ctl.runners("hot")) == 2 and len(provider.launches) == 2  # at max: no third
         # New requests go to the replica with the fewest in flight: the new one.

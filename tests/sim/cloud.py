@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tasks.provider import ClusterRef, EngineExited, LaunchSpec
+from tasks.provider import ClusterRef, EngineExited, LaunchSpec, ProviderError
 from tasks.sky_task import model_slug
 from tests.sim.faults import Durations, FaultProfile
 
@@ -50,6 +50,9 @@ class Cluster:
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     load_timer: asyncio.TimerHandle | None = None
     swapping: bool = False
+    launch: asyncio.Future[None] | None = None  # its launch, while provisioning
+    swap_started_at: float | None = None  # the last swap onto it: a claimer's cold start
+    swap_ended_at: float | None = None
 
     @property
     def endpoint(self) -> str:
@@ -110,6 +113,8 @@ class SimCloud:
         self.fault_log: list[str] = []
         self.trace: list[str] = trace if trace is not None else []
         self.outage_until: dict[str, float] = {}  # "list", "heartbeat": an outage window
+        self.list_failed: dict[str, float] = {}  # gateway -> when its last `list` failed
+        self.list_failures: list[float] = []  # when any gateway's `list` failed
         self._ctx = contextvars.Context()  # the world's own timers belong to no gateway
         self._seq = 0
 
@@ -187,6 +192,8 @@ class SimCloud:
         if cluster.load_timer is not None:
             cluster.load_timer.cancel()
         self._wake(cluster, EngineExited(f"cluster {cluster.name} is gone ({reason})"))
+        if cluster.launch is not None and not cluster.launch.done():  # a launch hung while it went
+            cluster.launch.set_exception(ProviderError(f"{cluster.name} vanished while launching ({reason})"))
         self.removed_at[cluster.name] = self.now
         self.removals.append(Removal(self.now, cluster.name, cluster.deployment_id, cluster.model, reason))
         self.log(f"remove {cluster.name} ({reason})")

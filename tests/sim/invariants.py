@@ -67,6 +67,7 @@ from tests.sim.plan import (
     DRAIN,
     HEARTBEAT,
     MAX_WAITING,
+    ORPHAN_SWEEP,
     TICK,
     known_bounds,
     max_replicas,
@@ -74,6 +75,7 @@ from tests.sim.plan import (
 from tests.sim.store_view import TERMINAL, Interval, Row
 
 if TYPE_CHECKING:
+    from tests.sim.cloud import Cluster
     from tests.sim.sim import Gateway, Sim
 
 PINNED = 2
@@ -102,6 +104,7 @@ class Checker:
         self._calls_checked = 0
         self._events_after = 0
         self.holderless: list[list[float]] = []  # [start, end or inf]: no live lease holder
+        self._orphaned: dict[str, float] = {}  # cluster -> when it was first seen an orphan
 
     def flag(self, invariant: str, key: object, detail: str) -> None:
         if (invariant, key) in self._seen:
@@ -148,7 +151,7 @@ class Checker:
         rows = self.sim.view.rows()
         holder = self.holder()
         self._track_holder(holder)
-        self.world_owned(rows)
+        self.world_owned(rows, holder)
         self.owner_alive(rows, holder)
         self.stale_routes(rows, holder)
         self.replicas(holder)
@@ -159,18 +162,19 @@ class Checker:
 
     def periodic(self) -> None:
         self._track_holder(self.holder())
+        self.orphans(self.sim.view.rows(), self.holder())
         self.schedules()
         self.in_flight()
         self.request_waits()
         self.idle_billing(self.holder())
 
-    def world_owned(self, rows: list[Row]) -> None:
+    def world_owned(self, rows: list[Row], holder: Gateway | None) -> None:
         live = [r for r in rows if r.state not in TERMINAL]
         for c in self.sim.cloud.clusters.values():
             owners = [
                 r for r in live if r.cluster == c.name or (r.cluster is None and r.id == c.label_deployment)
             ]
-            if len(owners) == 1:
+            if len(owners) == 1 or (not owners and self._orphan_in_time(c, rows, holder)):
                 continue
             known = [r for r in rows if r.cluster == c.name or r.id in (c.label_deployment, c.deployment_id)]
             states = ", ".join(f"{self.sim.alias(r.id)} {r.model} {r.state}" for r in known) or "no row"
@@ -179,6 +183,43 @@ class Checker:
                 (c.name, c.deployment_id),
                 f"{c.name} ({c.model}, engine {c.engine}) runs under {len(owners)} live deployments: {states}",
             )
+
+    def orphans(self, rows: list[Row], holder: Gateway | None) -> None:
+        """Which clusters are orphans now (`_orphan_in_time`), between the world-owned checks."""
+        live = {r.cluster for r in rows if r.state not in TERMINAL} | {
+            r.id for r in rows if r.state not in TERMINAL and r.cluster is None
+        }
+        for c in self.sim.cloud.clusters.values():
+            if c.name not in live and c.label_deployment not in live:
+                self._orphan_in_time(c, rows, holder)
+
+    def _orphan_in_time(self, c: Cluster, rows: list[Row], holder: Gateway | None) -> bool:
+        """An orphan (its launch's gateway died before recording it, and the next one's reconcile
+        could not list it: its row ended with no cluster, or it has none) runs until the holder's
+        orphan sweep stops it: within a sweep interval of the holder's startup, of the orphan's
+        appearance or of the holder's last failed list, plus a tick and the stop."""
+        if any(r.cluster == c.name for r in rows):
+            self._orphaned.pop(c.name, None)
+            return False
+        label = next((r for r in rows if r.id == c.label_deployment), None)
+        if label is not None and (label.state not in TERMINAL or label.cluster is not None):
+            self._orphaned.pop(c.name, None)
+            return False
+        now = self.sim.now()
+        since = self._orphaned.setdefault(c.name, now)
+        if (
+            holder is None
+            or holder.started_at is None
+            or self.sim.cloud.stop_fault_active(c, self.fault_grace)
+        ):
+            return True
+        since = max(
+            since,
+            holder.started_at,
+            holder.awake_since,
+            self.sim.cloud.list_failed.get(holder.name, -math.inf),
+        )
+        return now <= since + ORPHAN_SWEEP + 2 * TICK + self.stop_max + 1
 
     def owner_alive(self, rows: list[Row], holder: Gateway | None) -> None:
         if holder is None:
@@ -262,7 +303,11 @@ class Checker:
             r.model for r in self.sim.open_requests() if r.gateway == holder.name and r.phase == "in-flight"
         }
         for c in world.clusters.values():
-            if c.engine in ("provisioning", "loading") or c.swapping or c.model in busy:
+            if c.engine in ("provisioning", "loading") or c.model in busy:
+                continue
+            if c.swapping and now - (c.swap_started_at or 0.0) <= COLD_START_TIMEOUT + TICK:
+                continue  # the claimer's cold time (billed so), until its cold-start timeout
+            if c.name in self._orphaned:  # no gateway knows it: world-owned bounds it
                 continue
             if world.stop_fault_active(c, self.fault_grace):
                 continue
@@ -275,6 +320,9 @@ class Checker:
             started = c.ready_at if c.ready_at is not None else (c.load_failed_at or c.created_at)
             since = max(
                 started,
+                # A swap onto it that failed or timed out (seed 103: it hung until the claimer's
+                # cold-start timeout) was the claimer's cold time: idle only from its end.
+                c.swap_ended_at if c.swap_ended_at is not None else -math.inf,
                 self.sim.last_activity.get((holder.name, c.model), -math.inf),
                 self.sim.changed_at.get(c.model, -math.inf),
                 holder.started_at,
@@ -339,6 +387,8 @@ class Checker:
             billed = sum((iv.end if iv.end is not None else now) - iv.start for iv in spans)
             ran = sum(min(end, now) - start for start, end in world.billing.get(name, []))
             tolerance = 2 * TICK + 1 + (HEARTBEAT + TICK if name in world.died else 0)
+            if self._blind_orphan(name):
+                continue
             if name in world.removed_at:  # it went while nobody watched: its end is a guess
                 tolerance += self.unwatched(world.removed_at[name])
             if abs(billed - ran) > tolerance:
@@ -347,6 +397,20 @@ class Checker:
                     name,
                     f"{name}: the ledger bills {billed:.0f}s, the cloud ran it {ran:.0f}s",
                 )
+
+    def _blind_orphan(self, name: str) -> bool:
+        """An orphan still running (world-owned bounds how long), or one the failsafe deleted
+        while the gateways could not list the cloud: no gateway knows it runs, so its ledger
+        cannot say how long (the sweep that stops one bills it up to the stop)."""
+        world = self.sim.cloud
+        if name not in self._orphaned:
+            return False
+        if name in world.clusters:
+            return True
+        if name not in world.died:
+            return False
+        gone = world.removed_at[name]
+        return any(gone - ORPHAN_SWEEP - 2 * TICK <= f <= gone for f in world.list_failures)
 
     def fencing(self) -> None:
         calls = self.sim.cloud.calls

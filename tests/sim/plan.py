@@ -29,6 +29,7 @@ COLD_START_TIMEOUT = 120.0
 DRAIN = 15.0
 STOP_TIMEOUT = 60.0  # one provider stop (a hung one is given up and retried after this)
 CALL_TIMEOUT = 30.0  # any other provider call
+ORPHAN_SWEEP = 30.0  # the control loop lists the cloud's clusters and stops those nobody owns
 MAX_WAITING = 6
 HEARTBEAT = 60.0
 MAX_GATEWAYS = 6  # processes started in one seed (restarts, standbys)
@@ -142,6 +143,7 @@ class Scenario:
             drain_seconds=DRAIN,
             stop_timeout_seconds=STOP_TIMEOUT,
             provider_call_timeout_seconds=CALL_TIMEOUT,
+            orphan_sweep_seconds=ORPHAN_SWEEP,
             max_waiting_requests=MAX_WAITING,
             failed_model_ttl_seconds=120,
             eviction_cooldown_seconds=120,

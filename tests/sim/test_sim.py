@@ -195,6 +195,24 @@ REGRESSION_SEEDS: dict[tuple[int, int, str], tuple[str, str]] = {
         "idle-billing",
         "(sim) the quiesce thawed a stalled holder but counted its idle time from before the stall",
     ),
+    # Seeds of the 300-seed, 40-step run on 32f3ab2 (replayed there: the orphan sweep's lists
+    # draw from the world's generator, so on the sweep they no longer run the same faults).
+    (104, 24, "mix"): (
+        "world-owned",
+        "a gateway dies mid-launch, the next one's list() fails: its clusters run on unowned (orphans)",
+    ),
+    (162, 14, "mix"): (
+        "ledger-sum",
+        "an orphan while list() fails is billed until the reconcile; a no-capacity launch bills phantom time",
+    ),
+    (265, 34, "mix"): (
+        "idle-billing",
+        "a lapsed holder records the cluster of a launch the new holder closed: an idle orphan, billed 40s of 180s",
+    ),
+    (103, 31, "mix"): (
+        "idle-billing",
+        "(sim) a claim's swap hung until the cold-start timeout: counted as the old model's idle engine",
+    ),
     # The 300-seed, 40-step run on the merged code of the second session (writes through the writer).
     (57, 18, "mix"): (
         "ledger-overlap",

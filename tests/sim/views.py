@@ -67,6 +67,7 @@ class SimProvider:
         elif fails:
             w.fault("launch-fail", self.view, cluster.name)
         done: asyncio.Future[None] = w.loop.create_future()
+        cluster.launch = done
         w.later(delay, self._provisioned, cluster, fails, done)
         try:
             await done
@@ -217,6 +218,8 @@ class SimProvider:
         await self._pause(w.durations.list)
         if w.now < w.outage_until.get("list", -1.0) or w.roll(w.faults.list_fail):
             w.fault("list-fail", self.view, "-")
+            w.list_failed[self.view] = w.now
+            w.list_failures.append(w.now)
             raise ProviderError("status: API server unavailable")
         return [
             ClusterInfo(
@@ -264,6 +267,7 @@ class _SwapSteps:
     def begin(self) -> None:
         w = self.w
         self.cluster.swapping = True
+        self.cluster.swap_started_at = w.now
         if self.outcome == "swap-fail-before":
             self.timer = w.later(w.draw(w.durations.swap_cancel), self._fail, "cancel of the old job failed")
         elif self.outcome == "swap-hang":
@@ -290,13 +294,13 @@ class _SwapSteps:
             return self._fail("cluster vanished during the swap")
         c.deployment_id, c.model = self.spec.deployment_id, self.spec.model
         w.start_engine(c, self.view)
-        c.swapping = False
+        c.swapping, c.swap_ended_at = False, w.now
         w.log(f"swap: {c.name} now runs {c.model} {w.alias(c.deployment_id)}")
         if not self.done.done():
             self.done.set_result(None)
 
     def _fail(self, why: str) -> None:
-        self.cluster.swapping = False
+        self.cluster.swapping, self.cluster.swap_ended_at = False, self.w.now
         if not self.done.done():
             self.done.set_exception(ProviderError(f"swap of {self.cluster.name} to {self.spec.model}: {why}"))
 
@@ -304,5 +308,5 @@ class _SwapSteps:
         """The caller went away: the step in progress is not finished (nothing is undone)."""
         if self.timer is not None:
             self.timer.cancel()
-        self.cluster.swapping = False
+        self.cluster.swapping, self.cluster.swap_ended_at = False, self.w.now
         self.w.log(f"swap of {self.cluster.name} cancelled (engine: {self.cluster.engine})")
