@@ -297,7 +297,11 @@ class Sim:
     def front(self, u: float) -> Gateway | None:
         """The gateway a client reaches: the newest serving one, sometimes an older one that
         still serves (a load balancer does not know which one holds the lease)."""
-        serving = [g for g in self.gateways if g.state == "serving" and g.name not in self.loop.frozen]
+        serving = [
+            g
+            for g in self.gateways
+            if g.state == "serving" and g.name not in self.loop.frozen and not _follows(g)
+        ]
         if not serving:
             return None
         return serving[-1] if u < 0.75 or len(serving) == 1 else serving[int(u * 4) % (len(serving) - 1)]
@@ -371,3 +375,10 @@ class Sim:
         self.view.close()
         with contextlib.suppress(Exception):
             self.loop.close()
+
+
+def _follows(gw: Gateway) -> bool:
+    """A gateway that serves as a follower (another one held the lease when it started, and it
+    has not acted since). The sim drives requests through the controller, which only a gateway
+    that acts runs: followers get no traffic here (their routing is tested in tests/api/test_fleet.py)."""
+    return bool(gw.app.state.runtime.follower.active)
