@@ -251,8 +251,13 @@ class Sim:
         try:
             async with gw.app.router.lifespan_context(gw.app):
                 phase = "running"
-                gw.state, gw.started_at = "serving", self.now()
-                self.log(f"{gw.name} serving")
+                gw.state = "serving"
+                self.log(f"{gw.name} serving{' as a follower' if _follows(gw) else ''}")
+                while _follows(gw) and not gw.stop.is_set():  # until it holds the lease, reconciled
+                    await asyncio.sleep(0.05)
+                if not gw.stop.is_set():
+                    gw.started_at = self.now()  # it acts from here (the invariants' grace)
+                    self.log(f"{gw.name} acting")
                 await gw.stop.wait()
                 gw.state, phase = "stopping", "shutdown"
                 self.log(f"{gw.name} shutting down")
