@@ -27,7 +27,10 @@ NAME = "herd"
 MODEL = "herd-model"
 READY_AFTER = 2.0
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
-ENGINE_COMMAND = f"{sys.executable} -m bench.stub_server --port {{port}} --ready-after {READY_AFTER}"
+ENGINE_COMMAND = (
+    f"{sys.executable} -m bench.stub_server --port {{port}} --ready-after {READY_AFTER} "
+    "--served-model-name {served_name}"
+)
 
 
 def run(ctx: Context) -> BenchResult:

@@ -3,6 +3,7 @@
 It must cost far less per request than the gateway does, so that "gateway minus direct" measures
 the gateway. Answers:
 - `GET /health`: 200 (503 until `--ready-after` seconds have passed);
+- `GET /v1/models`: the `--served-model-name` (what the gateway's readiness check looks for);
 - `POST /v1/chat/completions` (and `/v1/completions`): a fixed chat completion, or with
   `"stream": true`, `--chunks` SSE events then `data: [DONE]`, each event its own write (chunked
   transfer encoding), the stream yielding to the event loop between events and pausing
@@ -10,6 +11,7 @@ the gateway. Answers:
 - anything else: 404.
 
 Run: python -m bench.stub_server --port N [--chunks 200] [--first-gap-ms 0] [--ready-after S]
+     [--served-model-name NAME]
 """
 
 from __future__ import annotations
@@ -111,6 +113,9 @@ class StubProtocol(asyncio.Protocol):
         method = self.parser.get_method()
         if path == b"/health":
             transport.write(_response(200 if self.app.ready() else 503, b""))
+        elif path == b"/v1/models":
+            models = {"object": "list", "data": [{"id": self.app.served_name, "object": "model"}]}
+            transport.write(_response(200, json.dumps(models).encode()))
         elif method == b"POST" and path in (b"/v1/chat/completions", b"/v1/completions"):
             try:
                 payload = json.loads(body)
@@ -140,7 +145,10 @@ class StubProtocol(asyncio.Protocol):
 
 
 class StubApp:
-    def __init__(self, *, chunks: int, ready_after: float, first_gap: float = 0.0) -> None:
+    def __init__(
+        self, *, chunks: int, ready_after: float, first_gap: float = 0.0, served_name: str = "stub"
+    ) -> None:
+        self.served_name = served_name
         self.started = time.monotonic()
         self.ready_after = ready_after
         self.chunks = chunks
@@ -184,8 +192,14 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=200, help="SSE events per streamed answer")
     parser.add_argument("--first-gap-ms", type=float, default=0.0, help="pause after a stream's first event")
     parser.add_argument("--ready-after", type=float, default=0.0, help="/health is 503 until then")
+    parser.add_argument("--served-model-name", default="stub", help="the model /v1/models lists")
     args = parser.parse_args()
-    app = StubApp(chunks=args.chunks, ready_after=args.ready_after, first_gap=args.first_gap_ms / 1000)
+    app = StubApp(
+        chunks=args.chunks,
+        ready_after=args.ready_after,
+        first_gap=args.first_gap_ms / 1000,
+        served_name=args.served_model_name,
+    )
     uvloop.run(serve(args.port, app))
 
 

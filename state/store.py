@@ -392,11 +392,11 @@ class Store(UsageStore, KeyStore, FleetStore):
         """Close the deployment's open interval; `relabel` renames phases of all its intervals
         (a failed launch turns its cold time into failed time)."""
         with Session(self.engine) as s:
-            s.exec(
-                update(CostInterval)
-                .where(col(CostInterval.deployment_id) == deployment_id, col(CostInterval.ended_at).is_(None))
-                .values(ended_at=at)
-            )
+            open_ = (col(CostInterval.deployment_id) == deployment_id, col(CostInterval.ended_at).is_(None))
+            s.exec(update(CostInterval).where(*open_, col(CostInterval.started_at) <= at).values(ended_at=at))
+            # Closed before it began (a vanished cluster billed up to when it was last known to
+            # run, and the interval opened after that): it lasted no time.
+            s.exec(update(CostInterval).where(*open_).values(ended_at=col(CostInterval.started_at)))
             for old, new in (relabel or {}).items():
                 s.exec(
                     update(CostInterval)
@@ -516,6 +516,19 @@ class Store(UsageStore, KeyStore, FleetStore):
             except IntegrityError:
                 return False
             return True
+
+    def renew_lease(self, holder: str, *, until: datetime) -> bool:
+        """Extend the lease only if `holder` still holds it, expired or not. False once another
+        gateway took it meanwhile, even if that one's lease has expired since: the rows it
+        changed are not what this holder remembers, so it must not act on as if it had held on."""
+        with Session(self.engine) as s:
+            result = s.exec(
+                update(ControllerLease)
+                .where(col(ControllerLease.id) == 1, col(ControllerLease.holder) == holder)
+                .values(expires_at=until)
+            )
+            s.commit()
+            return bool(result.rowcount == 1)
 
     def lease(self) -> ControllerLease | None:
         with Session(self.engine) as s:

@@ -33,6 +33,7 @@ class FakeProvider:
     adopt_on_restart: bool = False
     keeps_spares: bool = False
     heartbeat_interval_seconds: float | None = None
+    heartbeat_error: Exception | None = None  # heartbeat() raises it (EngineGone: preempted)
     healthy: bool = True  # what probe() answers for running engines
     capacity_gpus: int | None = None  # launches past this many GPUs in use raise CapacityError
     accelerators: tuple[str, ...] = ()  # GPU types of the "clusters" it launches
@@ -108,6 +109,8 @@ class FakeProvider:
 
     async def heartbeat(self, ref: ClusterRef) -> None:
         self.heartbeats.append(ref)
+        if self.heartbeat_error is not None:
+            raise self.heartbeat_error
 
     async def stop(self, ref: ClusterRef) -> None:
         self.stops.append(ref)

@@ -179,7 +179,8 @@ class Controller:
         return serving
 
     def _view(self, runner: DeploymentRunner, serving: Mapping[str, int]) -> DeploymentView:
-        spec = self.ctx.catalog.resolve(runner.model) or runner.spec
+        listed = self.ctx.catalog.resolve(runner.model)
+        spec = listed or runner.spec  # unlisted (a reload removed it): the values it started with
         # The model's last request (any replica), or this replica's readiness if later: a
         # replica that comes up does not keep the others hot.
         last = self.ctx.activity.last_request(runner.model)
@@ -199,6 +200,7 @@ class Controller:
             spare_seconds=runner.spare_seconds,
             spare_since=runner.spare_at,
             replicas=serving.get(runner.model, 0),
+            listed=listed is not None,
         )
 
     def holdings(self) -> tuple[dict[str, int], int]:
@@ -477,13 +479,17 @@ class Controller:
             await asyncio.wait({r.task for r in runners})
         await orphans.sweep(self, at_shutdown=True)
 
-    def owns(self, ref: ClusterRef) -> bool:
+    def held_clusters(self) -> set[str]:
+        """The names of the clusters the runners hold."""
+        return {r.ref.name for r in self._runners.values() if r.ref is not None}
+
+    def owns(self, ref: ClusterRef, held: set[str] | None = None) -> bool:
         """A runner holds the cluster (by name: a takeover or a spare swap moves it to another
         deployment, its labels keep the first one's id), or its deployment has a runner (a
-        launch in progress holds no ref yet)."""
+        launch in progress holds no ref yet). `held`: `held_clusters()`, when asked for many."""
         if ref.deployment_id in self._runners:
             return True
-        return any(r.ref is not None and r.ref.name == ref.name for r in self._runners.values())
+        return ref.name in (held if held is not None else self.held_clusters())
 
     def abandon(self) -> None:
         """The lease is lost: every runner stops at once without touching its engine; the new

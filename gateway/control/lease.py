@@ -9,6 +9,7 @@ for the expiry. The lease is a plain conditional UPDATE, so it works on any SQL 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -70,11 +71,17 @@ class ControllerLease:
             return False
         return asyncio.get_running_loop().time() < self._valid_until
 
-    def try_acquire(self) -> bool:
+    def try_acquire(self, *, renew: bool = False) -> bool:
+        """Take the lease (free, expired, or its holder dead), or with `renew` extend it only if
+        this process still holds it: a holder that wakes from a stall after another gateway
+        took the lease (and maybe died, its lease expiring) has lost it, whatever the row's
+        expiry says now (that one changed rows this process does not know of)."""
         with self._write:
             if self._released:
                 return False
             now = self.clock()
+            if renew:
+                return self.store.renew_lease(self.holder, until=now + timedelta(seconds=self.seconds))
             current = self.store.lease()
             steal = current.holder if current is not None and holder_is_dead(current.holder) else None
             until = now + timedelta(seconds=self.seconds)
@@ -99,10 +106,10 @@ class ControllerLease:
         """One attempt: True if this process holds the lease now."""
         return await self._try()
 
-    async def _try(self) -> bool:
+    async def _try(self, *, renew: bool = False) -> bool:
         sent = asyncio.get_running_loop().time()
         try:
-            acquired = await asyncio.to_thread(self.try_acquire)
+            acquired = await asyncio.to_thread(functools.partial(self.try_acquire, renew=renew))
         except Exception as exc:  # the database is unreachable or locked: try again later
             log.warning("controller lease: database error: %s", exc)
             return False
@@ -116,7 +123,7 @@ class ControllerLease:
         is lost: `on_lost` is called once (this process must stop acting at once)."""
         while True:
             await asyncio.sleep(self.seconds / 3)
-            while not await self._try():
+            while not await self._try(renew=True):
                 if not self.held or await self._taken():
                     log.critical("controller lease lost: this gateway stops acting and exits")
                     self.lost = True

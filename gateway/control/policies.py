@@ -32,6 +32,9 @@ class DeploymentView:
     spare_seconds: float = 0.0  # how long it stays up as a spare once its keep-hot time is over
     spare_since: datetime | None = None  # when it became a spare (state SPARE)
     replicas: int = 1  # ready replicas of its model serving now (this one included if serving)
+    # The catalog lists its model. A reload that removes the model leaves its engines running
+    # (they finish what they serve) but unreachable: requests for it, unload and patch are 404.
+    listed: bool = True
 
     @property
     def extra(self) -> bool:
@@ -62,7 +65,8 @@ def idle_stops(
 ) -> list[StopAction]:
     """Ready deployments idle longer than their keep-hot time, unless pinned by priority.
     Idleness is the model's: no replica of it may have a request in flight (`busy`: the models
-    with one, if `views` are a slice of all the deployments)."""
+    with one, if `views` are a slice of all the deployments). A model the catalog no longer
+    lists is pinned no more: nothing can reach its engine, so it goes at its keep-hot time."""
     views = list(views)
     if busy is None:
         busy = busy_models(views)
@@ -70,7 +74,7 @@ def idle_stops(
     for view in views:
         if view.state is not DeploymentState.READY or view.model in busy:
             continue
-        if view.priority >= PINNED_PRIORITY:
+        if view.priority >= PINNED_PRIORITY and view.listed:
             continue
         idle = idle_seconds(view, now)
         if idle > view.keep_hot_seconds:

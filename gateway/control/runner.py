@@ -24,7 +24,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from gateway.api.errors import GatewayError, bad_gateway, unavailable
@@ -163,6 +163,11 @@ class DeploymentRunner:
         self._moving: asyncio.Future[None] | None = None  # a state change sent to the writer
         self._moved_at: dict[DeploymentState, datetime] = {}
         self.last_beat: datetime | None = None  # the failsafe's last re-arm; None: due at once
+        # Billed up to here at most: its cluster vanished (preempted, deleted) by then.
+        self._gone_by: datetime | None = None
+        # Whether it ever held GPUs: a launch sent (it may have made a cluster), or a cluster held.
+        self._launch_sent = self._held = adoption is not None
+        self._billed_out = False  # its cost interval closed when its engine stopped
         if adoption is not None and adoption.endpoint is not None:
             self._adopted_ready(adoption.endpoint)  # serves from this moment, not from the task's first step
         self.task = asyncio.create_task(self.run(), name=f"deployment {deployment_id} ({spec.id})")
@@ -365,9 +370,11 @@ class DeploymentRunner:
         ref = await self.owner.claim_spare(self)
         if ref is not None:
             return ref
+        self._launch_sent = True
         try:
             return await self.ctx.provider.launch(self.launch_spec)
         except CapacityError as exc:
+            self._launch_sent = False  # it launched nothing: what it waits for is a victim's
             return await self.owner.take_over(self, exc)
 
     async def _wait_previous(self) -> None:
@@ -534,11 +541,18 @@ class DeploymentRunner:
         failed = exit_.error if exit_ is not None and exit_.failed else None
         if failed is None and self.stop_request is not None and self.stop_request.failed:
             failed = self.stop_request.reason
+        # Its GPUs are billed until the engine stopped (or its cluster vanished), from now on,
+        # not from when the store can record the end (database errors retried for a while).
+        until = self.ctx.clock() if self._gone_by is None else min(self.ctx.clock(), self._gone_by)
+        self.ctx.ledger.state(self.id, self.model, S.STOPPED if failed is None else S.FAILED, until)
+        self._billed_out = True
         if failed is not None:
             await self._record(S.FAILED, error=failed[:4000])
         else:
             await self._record(S.STOPPED)
-        if exit_ is not None and exit_.discard:
+        if exit_ is not None and (exit_.discard or not (self._launch_sent or self._held)):
+            # Nothing was ever held (no capacity; or cut short or timed out while it waited
+            # for a takeover's victim, which bills its own cluster): it costs nothing.
             self.ctx.ledger.discard(self.id)
 
     async def _stop_engine(self) -> bool:
@@ -580,6 +594,7 @@ class DeploymentRunner:
                     await self.ctx.provider.heartbeat(self.ref)
             self.last_beat = now
         except EngineGone as exc:  # preempted or deleted: it serves nothing and bills nothing more
+            self._gone_by = self._vanished_by()
             self.request_stop(StopRequest("engine-failed", f"engine gone: {exc}", drain=False, failed=True))
         except Exception as exc:
             log.warning("deployment %s of %s: heartbeat failed: %s", self.id, self.model, exc)
@@ -588,6 +603,15 @@ class DeploymentRunner:
                 await self._check(f"heartbeat failed: {type(exc).__name__}")
         finally:
             self._beating = False
+
+    def _vanished_by(self) -> datetime:
+        """When a cluster found gone went at the latest: by the heartbeat due after the last one
+        that found it (a heartbeat sent late, by a stalled or busy gateway, bills no more);
+        now if none was sent."""
+        now, interval = self.ctx.clock(), self.ctx.provider.heartbeat_interval_seconds
+        if self.last_beat is None or interval is None:
+            return now
+        return min(now, self.last_beat + timedelta(seconds=interval))
 
     async def _check(self, reason: str) -> None:
         assert self.ref is not None
@@ -680,6 +704,7 @@ class DeploymentRunner:
     # -- store, ledger, events --------------------------------------------------------------
 
     def hold(self, ref: ClusterRef | None) -> None:
+        self._held = self._held or ref is not None
         gpus = ref.gpus if ref is not None else self.spec.gpus_per_replica
         price = self.ctx.ledger.prices.hourly(ref, gpus, self.spec.accelerators or ())
         self.ctx.ledger.held(self.id, cluster=ref.name if ref else None, gpus=gpus, hourly_price=price)
@@ -712,7 +737,8 @@ class DeploymentRunner:
         self.state = new
         self._moved_at[new] = at
         log.info("deployment %s of %s: %s -> %s", self.id, self.model, old, new)
-        self.ctx.ledger.state(self.id, self.model, new, at)
+        if not (self._billed_out and new in (S.STOPPED, S.FAILED)):  # else closed when it stopped
+            self.ctx.ledger.state(self.id, self.model, new, at)
 
     async def _record(self, new: DeploymentState, **fields: Any) -> bool:
         """`_move` on the way out, retried through database errors: the end of a deployment

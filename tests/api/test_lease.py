@@ -41,6 +41,35 @@ def test_lease_is_exclusive_until_expiry(db_url: str) -> None:
     assert store.lease() is None
 
 
+def test_a_holder_renews_only_a_lease_nobody_took_meanwhile(db_url: str) -> None:
+    """A holder that wakes from a stall past its lease may renew it if nobody took it; once
+    another gateway took it (and changed rows), it has lost it, even if that one's lease has
+    expired too (it died): renewing would act on a stale view of the deployments."""
+    store = Store(db_url)
+    store.upgrade()
+    assert store.acquire_lease("a", now=T0, until=T0 + timedelta(seconds=10))
+    assert store.renew_lease("a", until=T0 + timedelta(seconds=30))  # expired or not: still a's
+    assert store.acquire_lease("b", now=T0 + timedelta(seconds=31), until=T0 + timedelta(seconds=41))
+    assert not store.renew_lease("a", until=T0 + timedelta(seconds=60))  # b took it, b expired at 41
+    assert store.lease().holder == "b"
+    assert store.acquire_lease("a", now=T0 + timedelta(seconds=50), until=T0 + timedelta(seconds=60))
+    store.release_lease("a")
+    assert not store.renew_lease("a", until=T0 + timedelta(seconds=70))  # released: not renewed
+
+
+def test_the_lease_keeper_loses_a_lease_another_gateway_held_meanwhile(db_url: str) -> None:
+    clock = FakeClock()
+    store = Store(db_url)
+    store.upgrade()
+    stalled = ControllerLease(store, clock, seconds=10)
+    assert stalled.try_acquire()
+    clock.advance(11)
+    assert ControllerLease(store, clock, seconds=10).try_acquire()  # took over, then died
+    clock.advance(11)
+    assert not stalled.try_acquire(renew=True)  # its renewal: lost, though the row expired
+    assert stalled.try_acquire()  # a fresh acquire (a restarted gateway would reconcile first)
+
+
 def test_dead_holders_on_this_host_are_recognised() -> None:
     assert not holder_is_dead(holder_id())  # this process
     child = subprocess.run(

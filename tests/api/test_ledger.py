@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
+from sqlalchemy.exc import OperationalError
 
 from gateway.control.fleet import ref_json
 from state import CostInterval, DeploymentState, Store
-from tasks.provider import ClusterRef, ProviderError
+from tasks.provider import ClusterRef, EngineGone, ProviderError
 from tests.api.test_lifecycle import FakeClock
 from tests.conftest import ADMIN_TOKEN, CHAT_BODY, make_settings, running_gateway
 from tests.fakes import FakeProvider
@@ -188,3 +190,52 @@ async def test_restart_resumes_adopted_and_closes_the_rest(tmp_path: Path, stub_
         assert closed.ended_at == start + timedelta(seconds=1800)
         rows = {r["model"]: r["dollars"] for r in (await client.get("/admin/costs", headers=AUTH)).json()}
         assert rows == {"low": 7.2, "high": 1.8}
+
+
+async def test_a_vanished_cluster_is_billed_until_its_heartbeat_was_due(
+    tmp_path: Path, stub_url: str
+) -> None:
+    """A heartbeat finds the cluster gone (preempted) long after it was due (the gateway was
+    stalled): it is billed until that heartbeat was due, not until it was sent."""
+    clock = FakeClock()
+    provider = FakeProvider(endpoint=stub_url, clock=clock, launch_seconds=30, heartbeat_interval_seconds=60)
+    settings = make_settings(tmp_path, MODELS, keep_hot_seconds=3600, costs=PRICES)
+    async with running_gateway(settings, provider, clock) as (app, client):
+        reaper = app.state.reaper
+        reaper.last_tick = clock()
+        await client.post("/v1/chat/completions", json=body("low"))  # 30 s cold
+        beat = clock()  # the launch armed the failsafe
+        provider.heartbeat_error = EngineGone("fake-low does not exist")
+        await reaper.tick(clock.advance(200))  # 140 s late: the heartbeat finds it gone
+        await ended(app, "low")
+        [*_, last] = [i for i in app.state.store.intervals() if i.model == "low"]
+        assert last.ended_at == beat + timedelta(seconds=60)
+        assert sum(s for _, s, _ in phases(app.state.store, "low")) == 90.0
+
+
+async def test_an_engine_is_billed_until_it_stopped_not_until_the_store_says_so(
+    tmp_path: Path, stub_url: str
+) -> None:
+    """The store refuses the `stopped` record for a while (the runner retries it): the ledger
+    ends the interval when the engine stopped."""
+    clock = FakeClock()
+    provider = FakeProvider(endpoint=stub_url, clock=clock, launch_seconds=30)
+    settings = make_settings(tmp_path, MODELS, costs=PRICES)
+    async with running_gateway(settings, provider, clock) as (app, client):
+        await client.post("/v1/chat/completions", json=body("low"))  # 30 s cold
+        store = app.state.store
+        transition, refused = store.transition, []
+
+        def locked_once(deployment_id: str, **kwargs: Any) -> bool:
+            if kwargs["new"] is DeploymentState.STOPPED and not refused:
+                refused.append(clock.advance(30))  # the outage lasts 30 s
+                raise OperationalError("UPDATE deployments", {}, Exception("database is locked"))
+            return bool(transition(deployment_id, **kwargs))
+
+        store.transition = locked_once
+        stopped_at = clock.advance(10)
+        assert (await client.post("/admin/models/low/unload", headers=AUTH)).status_code == 200
+        await ended(app, "low")
+        assert refused and [d.state for d in store.deployments(model="low")] == ["stopped"]
+        assert [i.ended_at for i in store.intervals() if i.model == "low"][-1] == stopped_at
+        assert sum(s for _, s, _ in phases(store, "low")) == 40.0

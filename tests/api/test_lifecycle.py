@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from gateway.control.controller import ref_json
 from state import DeploymentState, Store
 from tasks.provider import ClusterRef
-from tests.conftest import CHAT_BODY, make_settings, running_gateway
+from tests.conftest import ADMIN_TOKEN, CHAT_BODY, make_settings, running_gateway
 from tests.fakes import FakeProvider
 
 
@@ -54,6 +55,33 @@ async def test_model_keep_hot_overrides_default(tmp_path: Path, stub_url: str) -
     async with running_gateway(settings, provider, clock) as (app, client):
         await client.post("/v1/chat/completions", json=CHAT_BODY)
         assert len(await app.state.reaper.tick(clock.advance(6))) == 1
+
+
+async def test_a_pinned_model_a_reload_removed_goes_at_its_keep_hot_time(
+    tmp_path: Path, stub_url: str
+) -> None:
+    """Nothing reaches the engine of a model the reference no longer lists (requests, unload and
+    patch are 404), so its pin goes with the listing: it is stopped once idle past the keep-hot
+    time it started with, not billed until a reset or shutdown (sim seeds 468, 545, 605, 646)."""
+    clock, provider = FakeClock(), FakeProvider(endpoint=stub_url)
+    models = {"org/chat": {}, "pinned": {"priority": 2, "keep_hot_seconds": 30}}
+    settings = make_settings(tmp_path, models, keep_hot_seconds=600)
+    async with running_gateway(settings, provider, clock) as (app, client):
+        body = {**CHAT_BODY, "model": "pinned"}
+        assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+        reaper = app.state.reaper
+        assert await reaper.tick(clock.advance(31)) == []  # pinned while listed
+        settings.model_reference.write_text(json.dumps({"org/chat": {}}))
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        assert (await client.post("/admin/reload", headers=auth)).json()["removed"] == ["pinned"]
+        assert (await client.post("/v1/chat/completions", json=body)).status_code == 404
+        [action] = await reaper.tick(clock.advance(1))
+        assert (action.model, action.kind) == (
+            "pinned",
+            "idle-stop",
+        ) and "keep_hot_seconds 30" in action.reason
+        await settle(app)
+        assert not provider.running
 
 
 async def test_never_stopped_with_a_request_in_flight(tmp_path: Path, stub_url: str) -> None:

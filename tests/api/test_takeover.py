@@ -100,6 +100,33 @@ async def test_takeover_waits_for_requests_in_flight(tmp_path: Path) -> None:
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
+async def test_a_start_cut_short_while_its_victim_drains_costs_nothing(tmp_path: Path) -> None:
+    """mid waits for low's cluster (low drains a request in flight) and is unloaded meanwhile:
+    it never held a GPU (low's cluster is billed to low until it stops), so it bills nothing."""
+    with serve_in_thread(make_app(chunk_delay=0.15)) as slow_url:
+        provider = FakeProvider(endpoint=slow_url, capacity_gpus=1)
+        settings = make_settings(tmp_path, MODELS, drain_seconds=5)
+        async with running_gateway(settings, provider) as (app, client):
+            await client.post("/v1/chat/completions", json=body("low"))
+            low = asyncio.create_task(
+                client.post("/v1/chat/completions", json={**body("low"), "stream": True})
+            )
+            await asyncio.sleep(0.1)
+            mid = asyncio.create_task(client.post("/v1/chat/completions", json=body("mid")))
+            await asyncio.sleep(0.2)
+            assert app.state.controller.phase("low") == "draining" and not mid.done()
+            unload = await client.post("/admin/models/mid/unload", headers=AUTH)
+            assert unload.status_code == 200
+            cut = await mid
+            assert cut.status_code == 503 and cut.json()["error"]["code"] == "start_cancelled"
+            await low
+            await app.state.controller.settle()
+            assert await app.state.controller.ctx.ledger.drain()
+            assert not provider.swaps
+            models = {i.model for i in app.state.store.intervals()}
+            assert models == {"low"}  # mid: nothing, not its wait as cold time
+
+
 async def test_failed_start_is_remembered_until_reset(tmp_path: Path, stub_url: str) -> None:
     from tasks.provider import ProviderError
 

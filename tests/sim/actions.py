@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from gateway.api.errors import GatewayError
 from gateway.control.fleet import Route
 from tests.sim import driver
-from tests.sim.plan import LEASE, MAX_GATEWAYS, PREWARM_MODELS, Step, write_reference
+from tests.sim.plan import LEASE, MAX_GATEWAYS, MODELS, PREWARM_MODELS, Step, write_reference
 from tests.sim.vloop import owned_context
 
 if TYPE_CHECKING:
@@ -63,6 +63,9 @@ def admin_patch(sim: Sim, step: Step) -> None:
     gw = sim.front(0.0)
     if gw is not None:
         sim.changed_at[step.model] = sim.now()
+        keep_hot = step.value.get("keep_hot_seconds") if isinstance(step.value, dict) else None
+        if keep_hot is not None:  # what an engine started now keeps once a reload unlists its model
+            sim.keep_hot_patched[step.model] = max(keep_hot, sim.keep_hot_patched.get(step.model, 0.0))
         spawn_admin(sim, gw, f"patch {step.model} {step.value}", gw.admin.patch(step.model, step.value))
 
 
@@ -70,7 +73,10 @@ def admin_reload(sim: Sim, step: Step) -> None:
     gw = sim.front(0.0)
     if gw is not None:
         write_reference(sim.settings.model_reference, step.n)
-        for model in [*sim.models_seen, *PREWARM_MODELS]:
+        # Every model the reload may change, not only those requested: one only ever admin-loaded
+        # changes too (seed 545: a pinned embed unlisted by the reload is idle-stopped from then
+        # on, and was judged idle since its readiness).
+        for model in [*MODELS, *sim.models_seen, *PREWARM_MODELS]:
             sim.changed_at[model] = sim.now()
         spawn_admin(sim, gw, f"reload variant {step.n}", gw.admin.reload())
 

@@ -11,7 +11,7 @@
 - client-error / admin-error: a request ends with a route or an OpenAI error (a GatewayError;
   admin calls: an envelope), never a bare exception;
 - idle-billing: no engine billed idle past its keep-hot time, plus its spare time for a model
-  with `spare_seconds` (pinned ones excepted);
+  with `spare_seconds` (pinned ones excepted, while the catalog lists their model);
 - after-hours: what ran at an after-hours firing is gone by the deadline below (when one lease
   holder saw the firing and stayed up);
 - ledger-overlap / ledger-sum: per cluster, cost intervals do not overlap and add up to the time
@@ -69,8 +69,8 @@ from tests.sim.plan import (
     MAX_WAITING,
     ORPHAN_SWEEP,
     TICK,
-    known_bounds,
     max_replicas,
+    unlisted_bounds,
 )
 from tests.sim.store_view import TERMINAL, Interval, Row
 
@@ -293,7 +293,9 @@ class Checker:
                 )
 
     def _effective(self, holder: Gateway, model: str) -> tuple[int, float, float]:
-        return driver.effective(holder.app, model) or known_bounds(model)
+        return driver.effective(holder.app, model) or unlisted_bounds(
+            model, self.sim.keep_hot_patched.get(model)
+        )
 
     def idle_billing(self, holder: Gateway | None) -> None:
         """Idle is judged like the controller does, per model on the lease holder: a request of

@@ -93,13 +93,16 @@ def max_replicas(model: str) -> int:
     return max(e.get("replicas", {}).get("max", 1) for e in entries)
 
 
-def known_bounds(model: str) -> tuple[int, float, float]:
-    """The highest priority, keep-hot and spare time `model` has in any variant (for a model
-    the catalog no longer lists, the controller keeps the values it started with)."""
+def unlisted_bounds(model: str, keep_hot_patched: float | None = None) -> tuple[int, float, float]:
+    """(priority, keep-hot, spare time) for an engine of `model` once the catalog no longer lists
+    it: the controller keeps the keep-hot and spare time it started with (at most the highest of
+    any variant, or of any keep-hot override an admin set, `keep_hot_patched`), and no priority
+    pins it any more, since nothing can reach it (requests for it are 404)."""
     entries = [v[model] for v in VARIANTS if v.get(model) is not None]
+    keep_hot = max(e.get("keep_hot_seconds", KEEP_HOT) for e in entries)
     return (
-        max(e.get("priority", 0) for e in entries),
-        max(e.get("keep_hot_seconds", KEEP_HOT) for e in entries),
+        0,
+        max(keep_hot, keep_hot_patched) if keep_hot_patched is not None else keep_hot,
         max(e.get("spare_seconds", 0.0) for e in entries),
     )
 

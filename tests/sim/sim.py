@@ -111,6 +111,7 @@ class Sim:
         self.models_seen: dict[str, None] = {}  # ordered: checks iterate it
         self.last_activity: dict[tuple[str, str], float] = {}  # (gateway, model): last request begin/end
         self.changed_at: dict[str, float] = {}
+        self.keep_hot_patched: dict[str, float] = {}  # the highest keep-hot override sent, per model
         self.other_waiters: list[tuple[float, str, str]] = []  # admin loads and pre-warms
         self.after_hours_at: list[float] = []
         self.prewarm_at: list[float] = []

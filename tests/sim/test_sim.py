@@ -218,6 +218,40 @@ REGRESSION_SEEDS: dict[tuple[int, int, str], tuple[str, str]] = {
         "ledger-overlap",
         "a holder thawed from a stall sends its queued ledger writes over the new holder's ledger",
     ),
+    # Seeds of the 1,000-seed, 40-step run on the orphan sweep (f414317 merged with main).
+    (347, 23, "mix"): (
+        "ledger-sum",
+        "a preempted cluster found by a heartbeat a stall delayed: billed until it was sent, not due",
+    ),
+    (528, 32, "mix"): (
+        "ledger-sum",
+        "a start cut short while it waited for a takeover's victim bills its wait, holding nothing",
+    ),
+    (530, 27, "mix"): (
+        "ledger-sum",
+        "a holder waking from a stall renews the lease a dead standby took: its stale view, rows orphaned",
+    ),
+    (787, 16, "mix"): (
+        "ledger-sum",
+        "a stop recorded late (database errors retried): the ledger bills the engine until the record",
+    ),
+    # Seeds of the same run.
+    (468, 40, "mix"): (
+        "idle-billing",
+        "a model pinned by an admin override, unlisted by a reload: its engine was never idle-stopped",
+    ),
+    (545, 18, "mix"): (
+        "idle-billing",
+        "an unlisted pinned model's engine was never idle-stopped; (sim) its idle clock ran from before the reload",
+    ),
+    (605, 37, "mix"): (
+        "idle-billing",
+        "a reload unlists a model an override pinned: its idle engine, unreachable (404), billed on",
+    ),
+    (646, 36, "mix"): (
+        "idle-billing",
+        "a reload unlists a pinned model: its engine kept the pin, never idle-stopped, billed until shutdown",
+    ),
 }
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from gateway.control.policies import (
@@ -56,6 +57,14 @@ def test_matrix() -> None:
         view("zero", idle=0.5, keep=0),
     ]
     assert sorted(a.model for a in idle_stops(views, NOW)) == ["prio1", "short", "zero"]
+
+
+def test_a_model_no_longer_listed_is_pinned_no_more() -> None:
+    listed, unlisted = view("pinned", idle=10_000, prio=2), view("gone", idle=10_000, prio=3)
+    unlisted = replace(unlisted, listed=False)
+    assert [a.model for a in idle_stops([listed, unlisted], NOW)] == ["gone"]
+    fresh = replace(unlisted, last_used=NOW - timedelta(seconds=599))
+    assert idle_stops([fresh], NOW) == []  # still its keep-hot time
 
 
 def test_pure_and_repeatable() -> None:

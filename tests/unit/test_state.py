@@ -10,6 +10,7 @@ import pytest
 
 from state import ALLOWED, TERMINAL, DeploymentState, InvalidTransition, Store
 from state.machine import check_transition
+from state.store import IntervalChange
 
 S = DeploymentState
 
@@ -86,3 +87,32 @@ def test_touch_models_batch_and_events(store: Store) -> None:
     store.record_event(kind="ready", model="y")
     assert [e.kind for e in store.events(model="x")] == ["launch"]
     assert [e.model for e in store.events(kind="ready")] == ["y"]
+
+
+def test_an_interval_closed_before_it_began_lasts_no_time(store: Store) -> None:
+    """Closing at a moment before the open interval's start (a vanished cluster billed up to
+    when it was last known to run) leaves it 0 s long, not negative."""
+    t0, t1, t2 = (datetime(2026, 1, 1, 0, m, tzinfo=UTC) for m in (0, 10, 20))
+
+    def opened(at: datetime, phase: str) -> IntervalChange:
+        row = {
+            "deployment_id": "d1",
+            "model": "m",
+            "cluster": "c1",
+            "provider": "fake",
+            "phase": phase,
+            "gpus": 1,
+            "hourly_price": 1.0,
+            "started_at": at,
+            "ended_at": None,
+            "checked_at": at,
+        }
+        return IntervalChange(deployment_id="d1", open=row)
+
+    store.change_intervals([opened(t0, "idle")])
+    store.change_intervals([opened(t2, "serving")])
+    store.close_interval("d1", at=t1)
+    assert [(i.phase, i.started_at, i.ended_at) for i in store.intervals()] == [
+        ("idle", t0, t2),
+        ("serving", t2, t2),
+    ]
