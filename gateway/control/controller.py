@@ -296,7 +296,14 @@ class Controller:
         self, spec: ModelSpec, secrets: dict[str, str], started_by: str | None, scale_up: str | None = None
     ) -> DeploymentRunner:
         """A new deployment of `spec`: its first replica (a cold start), or with `scale_up` (the
-        reason) one more next to those serving."""
+        reason) one more next to those serving. Only while this process acts (holds the lease):
+        a follower, or a holder whose lease lapsed, writes no row and launches nothing."""
+        if not self.ctx.acting():
+            raise unavailable(
+                f"This gateway does not hold the controller lease; {spec.id} cannot be started here now.",
+                code="not_lease_holder",
+                retry_after=RETRY_AFTER_QUEUE_FULL,
+            )
         dep_id = self.ctx.new_id()  # its runner writes the row first thing
         log.info("deployment %s of %s: created (pending)", dep_id, spec.id)
         runner = DeploymentRunner(
@@ -353,9 +360,10 @@ class Controller:
         actions = self._autoscaler.decide(await self._loads(), now)
         for action in actions:
             spec = self.ctx.catalog.resolve(action.model)
-            if action.direction == "up" and spec is not None and not spec.external and not self.closing:
-                log.info("%s: scale up (%s)", action.model, action.reason)
-                self._start(spec, {}, None, scale_up=action.reason)  # a load, no one key
+            if action.direction == "up":
+                if spec is not None and not spec.external and not self.closing and self.ctx.acting():
+                    log.info("%s: scale up (%s)", action.model, action.reason)
+                    self._start(spec, {}, None, scale_up=action.reason)  # a load, no one key
             elif action.direction == "down":
                 self._scale_down(action)
         return actions

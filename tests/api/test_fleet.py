@@ -17,6 +17,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from gateway.api.errors import GatewayError
 from gateway.app import create_app
 from gateway.config.settings import Settings
 from gateway.fleet.follower import REPORT_LIFETIMES
@@ -295,3 +296,22 @@ async def test_an_engine_a_follower_cannot_reach_is_checked_by_the_holder(
         assert reply.status_code == 502 and reply.json()["error"]["type"]
         await eventually(lambda: [d.state for d in Store(db_url).deployments()] == ["failed"])
         assert [e.kind for e in Store(db_url).events(kind="engine-failed")] == ["engine-failed"]
+
+
+async def test_a_followers_controller_starts_nothing(tmp_path: Path, stub_url: str, db_url: str) -> None:
+    """The follower's own controller (its code path, should anything call it) refuses every
+    start: no row, no launch, the OpenAI envelope's 503."""
+    settings = fleet_settings(tmp_path, db_url)
+    on_follower = FakeProvider(endpoint=stub_url)
+    async with (
+        running_gateway(settings, FakeProvider(endpoint=stub_url)),
+        follower_of(settings, on_follower) as (follower, _),
+    ):
+        controller = follower.state.controller
+        spec = follower.state.catalog.resolve("org/chat")
+        for start in (lambda: controller.load(spec), lambda: controller.admit(spec)):
+            with pytest.raises(GatewayError) as refused:
+                start()
+            assert refused.value.status == 503 and refused.value.code == "not_lease_holder"
+        assert controller.runners() == [] and controller.waiting("org/chat") == 0
+        assert Store(db_url).deployments() == [] and on_follower.launches == []
