@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from gateway.accounting.ledger import Ledger, PriceBook
@@ -30,7 +31,7 @@ from gateway.control.fleet import Route
 from gateway.control.lease import ControllerLease, stop_this_process
 from gateway.control.reaper import Reaper
 from gateway.control.reconcile import reconcile
-from gateway.fleet.follower import Follower
+from gateway.fleet.follower import REPORT_LIFETIMES, Follower
 from gateway.fleet.launches import LaunchRequests
 from gateway.fleet.notify import Listener, listens
 from gateway.proxy.upstream import Proxy
@@ -117,6 +118,10 @@ def price_book(settings: Settings, provider: str) -> PriceBook:
 
 # Attempts (a second apart) to write the ledger's last changes at shutdown.
 LEDGER_DRAIN_TRIES = 5
+# How long a holder that stops waits for a follower to take the lease over (then it takes it
+# back and stops the engines): this many takeover polls, and a margin.
+HANDOVER_POLLS = 3
+HANDOVER_MARGIN_SECONDS = 1.0
 
 
 @dataclass
@@ -319,8 +324,9 @@ class Runtime:
 
     async def stop(self) -> None:
         """Each step runs whatever the one before it did: one failure skips nothing. A gateway
-        that never acted stops no engine (they are the holder's)."""
-        lease_task, loop_tasks = self._lease_task, self._tasks
+        that never acted stops no engine (they are the holder's); the holder hands them over
+        while another gateway of the fleet lives (`_hand_over`), else stops them."""
+        loop_tasks = self._tasks
         for task in loop_tasks:
             task.cancel()
         await asyncio.gather(*loop_tasks, return_exceptions=True)
@@ -328,12 +334,14 @@ class Runtime:
         # the drains of the shutdown.
         self.controller.activity.set_remote({}, {}, {}, {})
         if self.acted:
-            await _guarded(self.controller.shutdown)
+            followers = await self._live_followers()
+            if followers:
+                await _guarded(lambda: self._hand_over(followers))
+            else:
+                await _guarded(self.controller.shutdown)
         self.controller.closing = True
         await _guarded(self.reaper.settle)
-        if lease_task is not None:
-            lease_task.cancel()
-            await asyncio.gather(lease_task, return_exceptions=True)
+        await self._stop_keeping_lease()
         for step in (
             self._drain_ledger,
             self.lease.release,
@@ -348,6 +356,68 @@ class Runtime:
         self.store.close()
         gc.unfreeze()  # collectable again (a process that builds another gateway, e.g. the tests)
         log.info("gateway stopped")
+
+    async def _live_followers(self) -> list[str]:
+        """The other gateways seen alive lately (their reports), while this process acts."""
+        if not self.lease.held:
+            return []
+        fresh = timedelta(seconds=REPORT_LIFETIMES * self.settings.fleet.report_seconds)
+        since = self.controller.clock() - fresh
+        try:
+            return await asyncio.to_thread(self.store.live_gateways, since, exclude=self.lease.holder)
+        except Exception as exc:  # the database refuses: stop the engines, as a lone gateway does
+            log.warning("fleet: reading the live gateways failed: %s: %s", type(exc).__name__, exc)
+            return []
+
+    async def _hand_over(self, followers: list[str]) -> None:
+        """Leave the engines running for a live follower: the runners let go (engines, rows and
+        open cost intervals untouched), the ledger's last writes go out, the lease is given up;
+        the gateway that takes it adopts them through its reconcile, and bills on from the open
+        intervals. If none takes it in time, this process takes it back and stops them."""
+        handed = await self.controller.hand_over()
+        await self._drain_ledger()
+        message = f"gateway stopping: {len(handed)} deployments left to the next lease holder"
+        await _guarded(lambda: self.writer.run(self.store.record_event, kind="handover", message=message))
+        await self._stop_keeping_lease()
+        await asyncio.to_thread(self.lease.hand_off)
+        wait = HANDOVER_POLLS * self.settings.fleet.takeover_poll_seconds + HANDOVER_MARGIN_SECONDS
+        taker = await self._taken_over(wait)
+        if taker is not None:
+            log.warning(
+                "handed %d deployments over to gateway %s (engines left running; live: %s)",
+                len(handed),
+                taker,
+                ", ".join(followers),
+            )
+            return
+        log.warning("no gateway took the controller lease within %gs: stopping the engines here", wait)
+        if not await self.lease.try_once():
+            log.error("another gateway holds the controller lease now: the engines are its")
+            return
+        self._lease_task = asyncio.create_task(self.lease.keep(self._lease_lost), name="controller lease")
+        await reconcile(self.controller, self.catalog, unknown=self.settings.reconcile_unknown)
+        await self.controller.shutdown()
+
+    async def _taken_over(self, seconds: float) -> str | None:
+        """The gateway that took the lease within `seconds`; None if none did."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while True:
+            try:
+                current = await asyncio.to_thread(self.store.lease)
+            except Exception:
+                current = None
+            if current is not None and current.holder != self.lease.holder:
+                return current.holder
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(self.settings.fleet.takeover_poll_seconds / 2)
+
+    async def _stop_keeping_lease(self) -> None:
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            await asyncio.gather(self._lease_task, return_exceptions=True)
+            self._lease_task = None
 
 
 def engine_errors(controller: Controller, follower: Follower) -> Callable[[Route, str], None]:

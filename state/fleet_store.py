@@ -18,7 +18,7 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from state.machine import TERMINAL, DeploymentState
-from state.tables import Deployment, GatewayReport
+from state.tables import Deployment, GatewayPresence, GatewayReport
 
 # NOTIFY channels (PostgreSQL): a deployment changed state; a gateway wrote a report that asks
 # for a launch.
@@ -98,10 +98,12 @@ class FleetStore:
         self, gateway_id: str, rows: Collection[Mapping[str, Any]], *, at: datetime, urgent: bool = False
     ) -> None:
         """Replace the reports of `gateway_id` by `rows` (model, in_flight, waiting,
-        deployments, last_used_at); `urgent` (a model got its first waiting request) also
-        notifies the lease holder."""
+        deployments, last_used_at), and mark it seen at `at` (its presence); `urgent` (a model
+        got its first waiting request) also notifies the lease holder."""
         with self.engine.begin() as conn:
             conn.execute(delete(GatewayReport).where(col(GatewayReport.gateway_id) == gateway_id))
+            conn.execute(delete(GatewayPresence).where(col(GatewayPresence.gateway_id) == gateway_id))
+            conn.execute(insert(GatewayPresence), [{"gateway_id": gateway_id, "seen_at": at}])
             if rows:
                 conn.execute(
                     insert(GatewayReport), [{**r, "gateway_id": gateway_id, "reported_at": at} for r in rows]
@@ -117,6 +119,16 @@ class FleetStore:
                 q = q.where(col(GatewayReport.gateway_id) != exclude)
             return list(s.exec(q))
 
+    def live_gateways(self, since: datetime, *, exclude: str | None = None) -> list[str]:
+        """The gateways that reported at `since` or later (their presence), but `exclude`."""
+        with Session(self.engine) as s:
+            q = select(GatewayPresence.gateway_id).where(col(GatewayPresence.seen_at) >= since)
+            if exclude is not None:
+                q = q.where(col(GatewayPresence.gateway_id) != exclude)
+            return sorted(s.exec(q))
+
     def delete_reports(self, gateway_id: str) -> None:
+        """The reports and the presence of a gateway that stops (or acts from now on)."""
         with self.engine.begin() as conn:
             conn.execute(delete(GatewayReport).where(col(GatewayReport.gateway_id) == gateway_id))
+            conn.execute(delete(GatewayPresence).where(col(GatewayPresence.gateway_id) == gateway_id))

@@ -270,3 +270,15 @@ class GatewayReport(SQLModel, table=True):
     failing: str = "[]"  # JSON: deployments it could not reach since its last report
     last_used_at: datetime | None = _ts()
     reported_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))
+
+
+class GatewayPresence(SQLModel, table=True):
+    """A gateway of a fleet that follows (not the lease holder), seen alive: written with each of
+    its reports, every `fleet.report_seconds`, even when it has nothing to report. A holder that
+    stops gracefully hands its engines over (leaves them running for the next holder to adopt)
+    only while another gateway was seen lately."""
+
+    __tablename__ = "gateway_presence"
+
+    gateway_id: str = Field(primary_key=True, max_length=256)  # its lease holder id
+    seen_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))

@@ -487,6 +487,18 @@ class Controller:
             await asyncio.wait({r.task for r in runners})
         await orphans.sweep(self, at_shutdown=True)
 
+    async def hand_over(self) -> list[str]:
+        """A graceful stop while other gateways of the fleet serve: every runner lets go of its
+        deployment at once without touching the engine, the store or the ledger (as on a lost
+        lease), for the next lease holder's reconcile to adopt; the deployment ids left so."""
+        self.closing = True
+        runners = list(self._runners.values())
+        for runner in runners:
+            runner.abandon()
+        if runners:
+            await asyncio.wait({r.task for r in runners})
+        return [r.id for r in runners]
+
     def held_clusters(self) -> set[str]:
         """The names of the clusters the runners hold."""
         return {r.ref.name for r in self._runners.values() if r.ref is not None}

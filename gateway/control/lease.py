@@ -138,6 +138,14 @@ class ControllerLease:
             return False
         return current is not None and current.holder != self.holder
 
+    def hand_off(self) -> None:
+        """Give the lease up for another gateway to take; this process may take it back later
+        (`try_once`). Called on the loop: from here on this process does not act."""
+        self._valid_until = None
+        with self._write:
+            if not self.lost and not self._released:
+                self.store.release_lease(self.holder)
+
     def release(self) -> None:
         """Give the lease up for good (waits for a renewal still in flight in its thread)."""
         with self._write:

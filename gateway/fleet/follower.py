@@ -7,7 +7,8 @@ for a model with none ready waits here, as it would on the holder (the same queu
 (at once for a model's first one) and the holder launches; the waiter gets its route once the
 store says the deployment is ready, or the holder's error once the store says the start ended.
 The follower also reports its requests in flight and last-used times, for the holder's idle
-teardown, drains and autoscaler. Reports are written by the database writer, never on the loop.
+teardown, drains and autoscaler, and that it lives (its presence: a holder that stops hands its
+engines over to a live follower). Reports are written by the database writer, never on the loop.
 """
 
 from __future__ import annotations
@@ -128,7 +129,6 @@ class Follower:
         self._ended: dict[str, EndedStart] = {}  # the newest start of each model that ended
         self._wake = asyncio.Event()
         self._report_now = asyncio.Event()
-        self._reported_nothing = False  # the last report was empty (no need to write another)
         self._report: Future[None] | None = None
         self._failing: set[str] = set()  # deployments the proxy could not reach since the report
 
@@ -270,10 +270,7 @@ class Follower:
         """Hand the report to the writer; False if the previous one is not written yet."""
         if self._report is not None and not self._report.done():
             return False
-        rows = self.report_rows()
-        if not rows and self._reported_nothing:
-            return True
-        self._reported_nothing = not rows
+        rows = self.report_rows()  # written even when empty: the report says this gateway lives
         self._report = self.writer.submit(
             self.store.write_reports, self.gateway_id, rows, at=self.clock(), urgent=urgent
         )

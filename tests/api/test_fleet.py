@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -315,3 +316,62 @@ async def test_a_followers_controller_starts_nothing(tmp_path: Path, stub_url: s
             assert refused.value.status == 503 and refused.value.code == "not_lease_holder"
         assert controller.runners() == [] and controller.waiting("org/chat") == 0
         assert Store(db_url).deployments() == [] and on_follower.launches == []
+
+
+def contiguous(intervals: list[Any]) -> bool:
+    """One deployment's cost intervals follow each other without a gap or an overlap."""
+    spans = sorted(intervals, key=lambda i: i.started_at)
+    return all(a.ended_at == b.started_at for a, b in itertools.pairwise(spans))
+
+
+async def test_a_holder_that_stops_hands_its_engines_to_a_live_follower(
+    tmp_path: Path, stub_url: str, db_url: str
+) -> None:
+    settings = fleet_settings(tmp_path, db_url)
+    provider = FakeProvider(endpoint=stub_url, adopt_on_restart=True)  # one cloud, seen by both
+    first = create_app(settings, provider=provider)
+    lifespan = first.router.lifespan_context(first)
+    await lifespan.__aenter__()
+    try:
+        async with follower_of(settings, provider) as (second, client):
+            assert (await client.post("/v1/chat/completions", json=CHAT_BODY)).status_code == 200
+            [dep] = Store(db_url).deployments()
+            runtime = second.state.runtime
+            await report_now(second)  # it lives (its loop reports every report interval anyway)
+            await lifespan.__aexit__(None, None, None)  # a graceful stop of the holder
+            lifespan = None
+            # Given up, not expired: taken within the takeover poll, before the stop returned.
+            assert Store(db_url).lease().holder == runtime.lease.holder
+            await eventually(lambda: not runtime.follower.active, timeout=10)
+            assert provider.stops == [] and len(provider.launches) == 1  # the engine ran on
+            [after] = Store(db_url).deployments()
+            assert (after.id, after.state) == (dep.id, "ready")
+            assert [r.id for r in second.state.controller.runners()] == [dep.id]
+            assert [e.kind for e in Store(db_url).events(kind="handover")] == ["handover"]
+            reply = await client.post("/v1/chat/completions", json=CHAT_BODY)
+            assert reply.status_code == 200 and len(provider.launches) == 1
+            await second.state.runtime.controller.ctx.ledger.drain()
+            intervals = Store(db_url).intervals()
+            assert {i.deployment_id for i in intervals} == {dep.id} and contiguous(intervals)
+            assert [i.ended_at for i in intervals].count(None) == 1
+    finally:
+        if lifespan is not None:
+            await lifespan.__aexit__(None, None, None)
+    assert len(provider.stops) == 1  # the last gateway, alone, stops it
+    assert [d.state for d in Store(db_url).deployments()] == ["stopped"]
+
+
+async def test_a_holder_whose_follower_does_not_take_over_stops_the_engines(
+    tmp_path: Path, stub_url: str, db_url: str
+) -> None:
+    """A follower seen alive that never takes the lease (it died meanwhile): the holder takes the
+    lease back after the takeover wait and stops what it left, as a lone gateway does."""
+    settings = fleet_settings(tmp_path, db_url)
+    provider = FakeProvider(endpoint=stub_url, adopt_on_restart=True)
+    async with running_gateway(settings, provider) as (holder, client):
+        assert (await client.post("/v1/chat/completions", json=CHAT_BODY)).status_code == 200
+        Store(db_url).write_reports("gw-gone", [], at=holder.state.controller.clock())
+    assert len(provider.stops) == 1 and len(provider.launches) == 1
+    assert [d.state for d in Store(db_url).deployments()] == ["stopped"]
+    assert Store(db_url).open_intervals() == [] and Store(db_url).lease() is None
+    assert [e.kind for e in Store(db_url).events(kind="handover")] == ["handover"]  # it tried
