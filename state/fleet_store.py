@@ -9,16 +9,16 @@ sends a NOTIFY, so that the others need not wait for their next poll.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, insert, or_, text
+from sqlalchemy import Connection, Engine, delete, func, insert, or_, text
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from state.machine import TERMINAL, DeploymentState
-from state.tables import Deployment, GatewayPresence, GatewayReport
+from state.tables import Deployment, Event, GatewayPresence, GatewayReport
 
 # NOTIFY channels (PostgreSQL): a deployment changed state; a gateway wrote a report that asks
 # for a launch.
@@ -56,9 +56,27 @@ class FleetView:
     ready: list[ReadyDeployment]
     starting: dict[str, str]  # models with a deployment on its way up, and its state
     ended: list[EndedStart]  # starts that ended since the time asked for, oldest first
+    # The newest admin reset of failures since then, by model (None: every model's).
+    resets: dict[str | None, datetime] = field(default_factory=dict)
 
 
 _DEPLOYMENTS = Deployment.__table__  # type: ignore[attr-defined]
+_EVENTS = Event.__table__  # type: ignore[attr-defined]
+# The event of an admin's reset of failures (gateway/control/controller.py writes it).
+FAILURE_RESET = "failure-reset"
+
+
+def _resets(conn: Connection, since: datetime) -> dict[str | None, datetime]:
+    """The newest reset of failures since `since`, by model (None: all of them)."""
+    t = _EVENTS
+    q = (
+        sa_select(t.c.model, func.max(t.c.at))
+        .where(t.c.kind == FAILURE_RESET, t.c.at >= since)
+        .group_by(t.c.model)
+    )
+    return {model: at for model, at in conn.execute(q)}
+
+
 _STARTING = [s.value for s in (DeploymentState.PENDING, DeploymentState.LAUNCHING, DeploymentState.LOADING)]
 _TERMINAL = [s.value for s in TERMINAL]
 
@@ -91,8 +109,9 @@ class FleetStore:
                     assert at is not None
                     failed = state == DeploymentState.FAILED.value
                     out.append(EndedStart(dep_id, model, failed, error, at))
+            resets = _resets(conn, ended_since)
         out.sort(key=lambda e: e.ended_at)
-        return FleetView(ready, starting, out)
+        return FleetView(ready, starting, out, resets)
 
     def write_reports(
         self, gateway_id: str, rows: Collection[Mapping[str, Any]], *, at: datetime, urgent: bool = False

@@ -31,6 +31,7 @@ from gateway.control.scaling import Autoscaler, ModelLoad, ReplicaLoad, ScaleAct
 from gateway.control.slices import in_slices
 from gateway.control.takeover import Takeover
 from state import Deployment, DeploymentState, Store
+from state.fleet_store import FAILURE_RESET
 from tasks.provider import CapacityError, ClusterRef, Endpoint, LaunchSpec, Provider
 
 log = logging.getLogger(__name__)
@@ -224,9 +225,20 @@ class Controller:
         return failure
 
     def reset_failures(self, model: str | None = None) -> list[str]:
+        """Forget the failure of `model` (None: of every model), here and, through the store's
+        event `failure-reset`, on the other gateways of the fleet (they read failures from the
+        store); the models whose failure this process remembered."""
         cleared = list(self.failures) if model is None else [model] if model in self.failures else []
         for m in cleared:
             del self.failures[m]
+        what = f"failure of {model}" if model is not None else "every failure"
+        self.ctx.writer.submit(
+            self.ctx.store.record_event,
+            kind=FAILURE_RESET,
+            model=model,
+            message=f"{what} reset by an admin",
+            at=self.ctx.clock(),
+        )
         return cleared
 
     def expire_failures(self, now: datetime) -> None:

@@ -197,18 +197,24 @@ class Follower:
             routes.setdefault(dep.model, []).append(route)
         self._routes, self._starting = routes, view.starting
         self._model_of = {r.deployment_id or "": m for m, rs in routes.items() for r in rs}
-        self._failures = self._recent_failures(view.ended, now)
+        self._failures = self._recent_failures(view.ended, view.resets, now)
         self._ended = {e.model: e for e in view.ended}  # oldest first: the newest wins
         for model in list(self.pending):
             self.settle(model)
 
-    def _recent_failures(self, ended: list[EndedStart], now: datetime) -> dict[str, Failure]:
+    def _recent_failures(
+        self, ended: list[EndedStart], resets: Mapping[str | None, datetime], now: datetime
+    ) -> dict[str, Failure]:
         """Models whose newest start failed (not for lack of capacity) within the TTL, with none
-        ready or starting since: the holder does not start them again until the TTL ends."""
+        ready or starting since, and no admin reset since: the holder does not start them again
+        until the TTL ends."""
         ttl = timedelta(seconds=self.settings.failed_model_ttl_seconds)
         out: dict[str, Failure] = {}
         for e in ended:  # oldest first: the newest wins
             out.pop(e.model, None)
+            reset = max([at for m, at in resets.items() if m is None or m == e.model], default=None)
+            if reset is not None and reset >= e.ended_at:
+                continue
             if e.failed and not _no_capacity(e) and now - e.ended_at < ttl:
                 out[e.model] = Failure(e.model, e.error or "", e.ended_at, deployment_id=e.id)
         return {m: f for m, f in out.items() if m not in self._routes and m not in self._starting}

@@ -375,3 +375,27 @@ async def test_a_holder_whose_follower_does_not_take_over_stops_the_engines(
     assert [d.state for d in Store(db_url).deployments()] == ["stopped"]
     assert Store(db_url).open_intervals() == [] and Store(db_url).lease() is None
     assert [e.kind for e in Store(db_url).events(kind="handover")] == ["handover"]  # it tried
+
+
+@pytest.mark.parametrize("path", ["/admin/failures/org/chat", "/admin/failures"])
+async def test_an_admin_reset_of_a_failure_reaches_the_followers(
+    tmp_path: Path, stub_url: str, db_url: str, path: str
+) -> None:
+    settings = fleet_settings(tmp_path, db_url)
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    on_holder = FakeProvider(endpoint=stub_url, ready_error=ProviderError("engine exited"))
+    async with (
+        running_gateway(settings, on_holder) as (holder, holder_client),
+        follower_of(settings, FakeProvider(endpoint=stub_url)) as (follower, client),
+    ):
+        assert (await client.post("/v1/chat/completions", json=CHAT_BODY)).status_code == 502
+        failed = await client.post("/v1/chat/completions", json=CHAT_BODY)
+        assert failed.status_code == 400 and failed.json()["error"]["code"] == "model_failed"
+        on_holder.ready_error = None  # the admin fixed the cause
+        reset = await holder_client.delete(path, headers=auth)
+        assert reset.status_code == 200 and reset.json()["reset"] == ["org/chat"]
+        await holder.state.writer.barrier()
+        await follower.state.runtime.follower.refresh()
+        assert follower.state.runtime.follower.failure("org/chat") is None
+        assert (await client.post("/v1/chat/completions", json=CHAT_BODY)).status_code == 200
+        assert len(on_holder.launches) == 2
