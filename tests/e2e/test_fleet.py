@@ -125,3 +125,57 @@ def test_kill_9_of_the_holder_under_load(fleet: list[GatewayProcess]) -> None:
     assert len(new.live_engine_groups()) == 1  # the same engine: none leaked, none doubled
     assert "adopted healthy" in store.events(kind="reconciled")[-1].message
     print(f"kill -9 of the holder: lease taken over after {took_over:.1f}s, {len(results)} requests, all 200")
+
+
+def test_sigterm_of_the_holder_hands_its_engine_over(fleet: list[GatewayProcess]) -> None:
+    """A graceful stop of the holder while the followers serve: the engine runs on, the lease is
+    given up and taken at once, the new holder adopts the same engine; no request fails."""
+    holder, followers = fleet[0], fleet[1:]
+    with httpx.Client(timeout=60) as client:
+        assert client.post(f"{followers[0].base_url}/v1/chat/completions", json=BODY).status_code == 200
+    store = holder.store()
+    [dep] = store.deployments(model=MODEL)
+    first_holder = store.lease().holder
+    groups = holder.live_engine_groups()
+    results: list[int] = []
+    stop = threading.Event()
+
+    def load(url: str) -> None:
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                try:
+                    results.append(c.post(f"{url}/v1/chat/completions", json=BODY).status_code)
+                except httpx.HTTPError:
+                    results.append(-1)
+
+    threads = [threading.Thread(target=load, args=(gw.base_url,)) for gw in followers for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        before = len(results)
+        stopping = time.monotonic()
+        holder.process.send_signal(signal.SIGTERM)  # by pid
+        holder.process.wait(timeout=60)  # uvicorn ends by the signal it caught, once shut down
+        stopped = time.monotonic() - stopping
+        lease = store.lease()
+        assert lease is not None and lease.holder != first_holder  # taken before the holder exited
+        new = next(gw for gw in followers if str(gw.process.pid) in lease.holder.split(":")[1])
+        assert wait_until(lambda: "gateway ready" in new.log.read_text(), timeout=30)
+        time.sleep(3)  # load goes on through the new holder and the other follower
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert len(results) > before + 20
+    assert set(results) == {200}
+    assert launches(holder) == 1  # adopted, not launched again
+    [again] = store.deployments(model=MODEL)
+    assert again.id == dep.id and again.state == "ready"
+    assert new.live_engine_groups() == groups  # the same engine, never stopped
+    assert "handed 1 deployments over" in holder.log.read_text()
+    assert "gateway stopped" in holder.log.read_text()  # a graceful stop, to its end
+    assert "adopted healthy" in store.events(kind="reconciled")[-1].message
+    intervals = [i for i in store.intervals() if i.deployment_id == dep.id]
+    assert [i.ended_at for i in intervals].count(None) == 1  # billed on, in one open interval
+    print(f"SIGTERM of the holder: stopped in {stopped:.1f}s, {len(results)} requests, all 200")
