@@ -379,7 +379,10 @@ class Runtime:
         message = f"gateway stopping: {len(handed)} deployments left to the next lease holder"
         await _guarded(lambda: self.writer.run(self.store.record_event, kind="handover", message=message))
         await self._stop_keeping_lease()
-        await asyncio.to_thread(self.lease.hand_off)
+        try:
+            await asyncio.to_thread(self.lease.hand_off)
+        except Exception as exc:  # the row stays ours: taken back below, or taken once it expires
+            log.error("controller lease: giving it up failed: %s: %s", type(exc).__name__, exc)
         wait = HANDOVER_POLLS * self.settings.fleet.takeover_poll_seconds + HANDOVER_MARGIN_SECONDS
         taker = await self._taken_over(wait)
         if taker is not None:

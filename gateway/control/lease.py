@@ -139,8 +139,8 @@ class ControllerLease:
         return current is not None and current.holder != self.holder
 
     def hand_off(self) -> None:
-        """Give the lease up for another gateway to take; this process may take it back later
-        (`try_once`). Called on the loop: from here on this process does not act."""
+        """Give the lease up for another gateway to take (a blocking write: run it in a thread);
+        this process may take it back later (`try_once`). It does not act from here on."""
         self._valid_until = None
         with self._write:
             if not self.lost and not self._released:
