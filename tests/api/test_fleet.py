@@ -334,10 +334,13 @@ async def test_a_holder_that_stops_hands_its_engines_to_a_live_follower(
     await lifespan.__aenter__()
     try:
         async with follower_of(settings, provider) as (second, client):
-            assert (await client.post("/v1/chat/completions", json=CHAT_BODY)).status_code == 200
+            first.state.controller.load(first.state.catalog.resolve("org/chat"))
+            await eventually(lambda: first.state.controller.route("org/chat") is not None)
             [dep] = Store(db_url).deployments()
             runtime = second.state.runtime
-            await report_now(second)  # it lives (its loop reports every report interval anyway)
+            # Idle (no request yet), it still says it lives: its loop reports every interval.
+            since = second.state.controller.clock()
+            await eventually(lambda: Store(db_url).live_gateways(since) == [runtime.lease.holder])
             await lifespan.__aexit__(None, None, None)  # a graceful stop of the holder
             lifespan = None
             # Given up, not expired: taken within the takeover poll, before the stop returned.
