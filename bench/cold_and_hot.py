@@ -32,7 +32,7 @@ import httpx
 import uvloop
 
 from bench import load
-from bench.gateway_proc import Gateway, start_gateway
+from bench.gateway_proc import ADMIN_TOKEN, Gateway, start_gateway
 from bench.http_client import post_request
 from bench.procs import ROOT, Server, free_port
 from bench.report import BenchResult, Row, Target
@@ -40,6 +40,7 @@ from bench.stats import median, summary_ms
 from bench.suite import Context
 from gateway.config.reference import load_reference
 from gateway.config.settings import DEFAULT_ENGINE_COMMAND
+from gateway.control.context import derive_engine_key
 from tasks.local import ENGINE_HOST, render_command
 from tasks.provider import LaunchSpec
 
@@ -48,6 +49,9 @@ MODEL = "tiny-llama"
 ENGINE = ROOT / ".venv-engine" / "bin" / "vllm"
 TINY_MODEL = ROOT / "data" / "models" / "tiny-llama"
 ENGINE_COMMAND = DEFAULT_ENGINE_COMMAND.replace(".venv-engine/bin/vllm", str(ENGINE), 1)
+# By hand, vLLM listens on a TCP port (the gateway's engines listen on a private socket, behind
+# their front).
+BY_HAND_COMMAND = ENGINE_COMMAND.replace("--uds {socket}", "--host {host} --port {port}", 1)
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}
 POLL_SECONDS = 0.01  # the bench's own /health poll; the gateway polls every 0.1 s
 COLD_TIMEOUT_SECONDS = 600.0
@@ -84,7 +88,7 @@ def by_hand_argv(port: int) -> list[str]:
         engine_args=spec.engine_argv(),
         max_model_len=spec.max_model_len,
     )
-    return render_command(ENGINE_COMMAND, launch, port=port)
+    return render_command(BY_HAND_COMMAND, launch, port=port)
 
 
 def poll_health(client: httpx.Client, base_url: str, deadline: float) -> float:
@@ -202,7 +206,9 @@ def cold_via_gateway(workdir: Path, *, hot_rounds: int) -> tuple[ColdRun, dict[s
                 "ready_to_answer_s": round(answered - dep.ready_at.timestamp(), 3),
             },
         )
-        hot = hot_latency(dep.endpoint or engine_url, gateway.base_url, hot_rounds) if hot_rounds else None
+        # The engine's front takes the engine key only (the admin token is the gateway's secret here).
+        engine_key = derive_engine_key(ADMIN_TOKEN.encode(), dep.id)
+        hot = hot_latency(engine_url, engine_key, gateway.base_url, hot_rounds) if hot_rounds else None
         return run, hot
     finally:
         gateway.stop()
@@ -232,9 +238,9 @@ def wait_engine_url(gateway: Gateway, deadline: float) -> str:
     raise TimeoutError("the gateway did not launch the engine")
 
 
-def hot_latency(engine_url: str, gateway_url: str, rounds: int) -> dict[str, Any]:
+def hot_latency(engine_url: str, engine_key: str, gateway_url: str, rounds: int) -> dict[str, Any]:
     requests = {
-        "direct": (engine_url, post_request(engine_url, "/v1/chat/completions", BODY)),
+        "direct": (engine_url, post_request(engine_url, "/v1/chat/completions", BODY, bearer=engine_key)),
         "gateway": (gateway_url, post_request(gateway_url, "/v1/chat/completions", BODY)),
     }
     series = uvloop.run(load.interleaved(requests, rounds=rounds, time_limit=120, warmup=5))

@@ -62,7 +62,13 @@ def main() -> None:
     probe = LagProbe()
     app.add_api_route("/bench/loop-lag", probe.report, methods=["GET"], include_in_schema=False)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level="warning", access_log=False, lifespan="on"
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,  # as `llm-gateway serve` runs it
+        lifespan="on",
     )
     uvloop.run(serve(config, probe))
 

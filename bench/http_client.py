@@ -17,13 +17,14 @@ from urllib.parse import urlsplit
 import httptools
 
 
-def post_request(url: str, path: str, payload: dict[str, Any]) -> bytes:
-    """The bytes of one `POST path` with a JSON body, keep-alive."""
+def post_request(url: str, path: str, payload: dict[str, Any], *, bearer: str | None = None) -> bytes:
+    """The bytes of one `POST path` with a JSON body, keep-alive (with `bearer`, its Authorization)."""
     host = urlsplit(url).netloc
     body = json.dumps(payload).encode()
+    auth = f"authorization: Bearer {bearer}\r\n" if bearer else ""
     head = (
         f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
-        f"accept: */*\r\ncontent-length: {len(body)}\r\n\r\n"
+        f"accept: */*\r\n{auth}content-length: {len(body)}\r\n\r\n"
     ).encode()
     return head + body
 
@@ -52,6 +53,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[Reply] | None = None
         self.lost = False
+        self.keep_alive = True
         self.begin(0.0, stream=False)
 
     def begin(self, started: float, *, stream: bool) -> None:
@@ -81,6 +83,11 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
 
     # httptools callbacks
+    def on_headers_complete(self) -> None:
+        # Only here: once the message is complete, httptools answers False whatever the headers
+        # said (read there, every request of this client opened a new connection).
+        self.keep_alive = self.parser.should_keep_alive()
+
     def on_body(self, body: bytes) -> None:
         now = time.perf_counter()
         self.events += (self.last_byte + body).count(b"\n\n")
@@ -129,7 +136,7 @@ class Client:
         conn.begin(time.perf_counter(), stream=stream)
         conn.transport.write(request)
         reply = await asyncio.wait_for(conn.waiter, timeout)
-        if not conn.parser.should_keep_alive():
+        if not conn.keep_alive:
             self.close()
         return reply
 

@@ -82,6 +82,7 @@ class StubProtocol(asyncio.Protocol):
         self.url = b""
         self.body: list[bytes] = []
         self.streaming: asyncio.Task[None] | None = None
+        self.keep_alive = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -111,6 +112,8 @@ class StubProtocol(asyncio.Protocol):
         path, body = self.url.split(b"?", 1)[0], b"".join(self.body)
         self.url, self.body = b"", []
         method = self.parser.get_method()
+        # Read here: once the parser returned, it answers False whatever the request said.
+        self.keep_alive = self.parser.should_keep_alive()
         if path == b"/health":
             transport.write(_response(200 if self.app.ready() else 503, b""))
         elif path == b"/v1/models":
@@ -129,7 +132,7 @@ class StubProtocol(asyncio.Protocol):
                 transport.write(_response(200, self.app.completion(model)))
         else:
             transport.write(_response(404, b'{"error": "not found"}'))
-        if not self.parser.should_keep_alive() and self.streaming is None:
+        if not self.keep_alive and self.streaming is None:
             transport.close()
 
     async def stream(self, transport: asyncio.Transport, model: str) -> None:
@@ -140,7 +143,7 @@ class StubProtocol(asyncio.Protocol):
             await asyncio.sleep(self.app.first_gap if n == 0 else 0)
         transport.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
         self.streaming = None
-        if not self.parser.should_keep_alive():
+        if not self.keep_alive:
             transport.close()
 
 

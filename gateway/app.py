@@ -9,13 +9,14 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from gateway import __version__
 from gateway.accounting.metrics import CostTotals, StateCollector, TeamCosts
 from gateway.api import admin, admin_keys, meta
 from gateway.api.deps import require_admin_token
 from gateway.api.errors import install_error_handlers
-from gateway.api.openai_routes import OpenAIFront, openai_router
+from gateway.api.openai_routes import OpenAIFront, OpenAIGateway, openai_router
 from gateway.clock import Clock, system_clock
 from gateway.config.settings import Settings
 from gateway.control.context import new_deployment_id
@@ -34,6 +35,18 @@ engine is ready, and proxies it. Idle engines are stopped after `keep_hot_second
 
 Errors are in OpenAI's envelope: `{"error": {"message", "type", "param", "code"}}`.
 """
+
+
+class GatewayApp(FastAPI):
+    """FastAPI with the OpenAI front outside its whole middleware stack: the three OpenAI POST
+    routes are answered before FastAPI's own layers (its telemetry check, body limit and error
+    middleware were ~6% of a request's CPU at c=1); every other request goes through them."""
+
+    front: OpenAIGateway | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return stack if self.front is None else OpenAIFront(stack, self.front)
 
 
 def create_app(
@@ -59,7 +72,7 @@ def create_app(
         finally:
             await rt.stop()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="llm-gateway",
         version=__version__,
         description=DESCRIPTION,
@@ -89,7 +102,7 @@ def create_app(
     costs, teams = CostTotals(rt.store, rt.writer, clock), TeamCosts(rt.store, rt.writer, clock)
     app.state.scrape = meta.ScrapeState(rt.controller, costs, rt.writer, teams)
     rt.metrics.add_collector(StateCollector(app.state.scrape, rt.metrics))
-    app.add_middleware(OpenAIFront, gateway=rt.gateway)  # inside the catch-all added next
+    app.front = rt.gateway
     install_error_handlers(app)
     app.include_router(openai_router(rt.gateway))
     app.include_router(admin_keys.router)

@@ -41,6 +41,10 @@ _TEMP_PATHS = {
 }
 # Generation can take minutes between two bytes of a non-streamed answer.
 READ_TIMEOUT_SECONDS = 3600
+# Each request holds two of a worker's connections (the gateway's, the engine's). The gateway opens
+# up to 1,000 to one engine (a herd of cold requests all at once): at nginx's default of 1024 the
+# front closed about 40% of them, which the gateway answered 502.
+WORKER_CONNECTIONS = 8192
 
 
 @dataclass(frozen=True)
@@ -90,8 +94,9 @@ def nginx_config(front: FrontConfig, key: str = KEY_PLACEHOLDER) -> str:
     user = f"user {front.user};\n" if front.user else ""
     return (
         f"# llm-gateway engine front (generated)\n{user}daemon off;\nmaster_process on;\n"
-        f"worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n"
-        "events { worker_connections 1024; }\n"
+        f"worker_processes 1;\nworker_rlimit_nofile {2 * WORKER_CONNECTIONS};\n"
+        f"pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n"
+        f"events {{ worker_connections {WORKER_CONNECTIONS}; }}\n"
         "http {\n"
         "    access_log off;\n"
         "    server_tokens off;\n"

@@ -165,9 +165,13 @@ def _admin_view(error: BaseException, failure: Failure | None, deployment_id: st
     description="Stop the model's engine (requests in flight get `drain_seconds`), or cancel its start.",
 )
 async def unload(model_id: str, catalog: CatalogDep, controller: ControllerDep) -> UnloadOut:
-    spec = spec_of(catalog, model_id)
-    stopped = await controller.stop_model(spec.id, kind="admin-unload", reason="unloaded by an admin")
-    return UnloadOut(model=spec.id, stopped=stopped)
+    spec = catalog.resolve(model_id)
+    # A model a reload removed may still have an engine (until its keep-hot time): unloadable.
+    model = spec.id if spec is not None else model_id
+    if spec is None and not controller.runners(model):
+        raise model_not_found(model_id)
+    stopped = await controller.stop_model(model, kind="admin-unload", reason="unloaded by an admin")
+    return UnloadOut(model=model, stopped=stopped)
 
 
 # -- the gateway -------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.api.errors import GatewayError, error_doc, model_not_found, unavailable
+from gateway.api.errors import CatchAll, GatewayError, error_doc, model_not_found, unavailable
 from gateway.auth.keyring import KeyRing
 from gateway.auth.keys import ClientKey
 from gateway.config.reference import Catalog, ModelSpec
@@ -278,24 +278,29 @@ async def read_body(receive: Receive, headers: Headers, limit: int) -> bytes:
 
 
 class OpenAIFront:
-    """ASGI middleware: the three OpenAI POST routes answered right here, below FastAPI's
-    routing, dependency and exception layers (the hot path's largest cost in a profile);
-    everything else goes on to FastAPI. The FastAPI routes of the same paths stay, so the
-    OpenAPI document lists them, and give the same answers."""
+    """ASGI app in front of the FastAPI application (`GatewayApp`): the three OpenAI POST
+    routes answered right here, below FastAPI's routing, dependency, middleware and exception
+    layers (the hot path's largest cost in a profile); everything else goes on to FastAPI.
+    An unexpected error is answered as `CatchAll` answers it. The FastAPI routes of the same
+    paths stay, so the OpenAPI document lists them, and give the same answers."""
 
     def __init__(self, app: ASGIApp, gateway: OpenAIGateway) -> None:
         self.app = app
         self.gateway = gateway
+        self._guarded = CatchAll(self._serve)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in OPENAI_PATHS:
-            try:
-                response = await self.gateway.respond(scope["path"], Headers(scope=scope), receive)
-            except GatewayError as exc:
-                response = exc.response()
-            await response(scope, receive, send)
+            await self._guarded(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response = await self.gateway.respond(scope["path"], Headers(scope=scope), receive)
+        except GatewayError as exc:
+            response = exc.response()
+        await response(scope, receive, send)
 
 
 OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})

@@ -54,7 +54,12 @@ class ControlContext:
     def engine_key(self, deployment_id: str) -> str:
         """The engine's API key: derived again from the gateway's secret after a restart, so the
         engines an earlier process started can be adopted."""
-        return hmac.new(self.secret, deployment_id.encode(), hashlib.sha256).hexdigest()
+        return derive_engine_key(self.secret, deployment_id)
+
+
+def derive_engine_key(secret: bytes, deployment_id: str) -> str:
+    """The key of one deployment's engine (hex): HMAC-SHA256 of its id under the gateway's secret."""
+    return hmac.new(secret, deployment_id.encode(), hashlib.sha256).hexdigest()
 
 
 def gateway_secret(settings: Settings) -> bytes:

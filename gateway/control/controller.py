@@ -79,6 +79,9 @@ class Controller:
         self.closing = False
         self.fenced = False
         self._runners: dict[str, DeploymentRunner] = {}  # by deployment id, oldest first
+        # The same, by model: a request's route is found among its model's runners only (a scan of
+        # 1,000 runners per request was a third of the gateway's CPU at 32 connections).
+        self._by_model: dict[str, dict[str, DeploymentRunner]] = {}
         self._waiting: dict[str, int] = {}
         self._takeover = Takeover(ctx)
         self._autoscaler = Autoscaler()
@@ -112,11 +115,17 @@ class Controller:
     # -- views ------------------------------------------------------------------------------
 
     def runners(self, model: str | None = None) -> list[DeploymentRunner]:
-        return [r for r in self._runners.values() if model is None or r.model == model]
+        if model is None:
+            return list(self._runners.values())
+        return list(self._by_model.get(model, {}).values())
+
+    def _add(self, runner: DeploymentRunner) -> None:
+        self._runners[runner.id] = runner
+        self._by_model.setdefault(runner.model, {})[runner.id] = runner
 
     def route(self, model: str) -> Route | None:
         """The ready deployment of `model` with the fewest requests in flight."""
-        ready = [r for r in self._runners.values() if r.model == model and r.serving]
+        ready = [r for r in self._by_model.get(model, {}).values() if r.serving]
         if not ready:
             return None
         if len(ready) == 1:
@@ -126,7 +135,7 @@ class Controller:
     @property
     def routes(self) -> dict[str, Route]:
         """Every model with a ready deployment, and where its requests go."""
-        return {m: route for m in {r.model for r in self._runners.values()} if (route := self.route(m))}
+        return {m: route for m in self._by_model if (route := self.route(m))}
 
     def live(self, model: str) -> DeploymentRunner | None:
         """The model's most advanced deployment (serving, else starting, else stopping)."""
@@ -331,7 +340,7 @@ class Controller:
             started_by=started_by,
             why=f"replica requested: {scale_up}" if scale_up else "cold start requested",
         )
-        self._runners[dep_id] = runner
+        self._add(runner)
         return runner
 
     def _launch_spec(self, spec: ModelSpec, deployment_id: str, secrets: Mapping[str, str]) -> LaunchSpec:
@@ -437,6 +446,10 @@ class Controller:
     def runner_done(self, runner: DeploymentRunner) -> None:
         if self._runners.get(runner.id) is runner:
             del self._runners[runner.id]
+            same_model = self._by_model[runner.model]
+            del same_model[runner.id]
+            if not same_model:
+                del self._by_model[runner.model]
         self.ctx.activity.forget(runner.id)
 
     def heartbeat_slot(self) -> asyncio.Semaphore:
@@ -553,7 +566,7 @@ class Controller:
             launch_spec=self._launch_spec(spec, dep.id, {}),
             adoption=Adoption(ref=ref, state=DeploymentState(dep.state), endpoint=endpoint),
         )
-        self._runners[dep.id] = runner
+        self._add(runner)
         self.ctx.store.update_deployment(dep.id, cluster=ref.name, handle=ref_json(ref))
         self.ctx.store.record_event(
             kind="reconciled", model=spec.id, deployment_id=dep.id, message=reason, at=self.ctx.clock()

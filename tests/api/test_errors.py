@@ -51,6 +51,25 @@ async def test_a_dependency_that_raises_is_a_500_envelope(
         assert_internal_error(r, caplog)
 
 
+async def test_an_error_on_the_openai_front_is_a_500_envelope(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The OpenAI POST routes are answered in front of FastAPI's middleware: they have their own
+    catch-all."""
+
+    def broken_resolve(model: str) -> None:
+        raise RuntimeError(SECRET_DETAIL)
+
+    async with running_gateway(make_settings(tmp_path), FakeProvider()) as (app, client):
+        monkeypatch.setattr(app.state.catalog, "resolve", broken_resolve)
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+            r = await client.post(path, json={"model": "m", "messages": []})
+            assert_internal_error(r, caplog)
+        assert SECRET_DETAIL in caplog.text
+        monkeypatch.undo()
+        assert (await client.get("/health")).status_code == 200  # the gateway goes on
+
+
 async def test_a_database_error_is_a_500_envelope(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async with running_gateway(make_settings(tmp_path), FakeProvider()) as (app, client):
         with app.state.store.engine.begin() as conn:

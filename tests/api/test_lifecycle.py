@@ -60,8 +60,8 @@ async def test_model_keep_hot_overrides_default(tmp_path: Path, stub_url: str) -
 async def test_a_pinned_model_a_reload_removed_goes_at_its_keep_hot_time(
     tmp_path: Path, stub_url: str
 ) -> None:
-    """Nothing reaches the engine of a model the reference no longer lists (requests, unload and
-    patch are 404), so its pin goes with the listing: it is stopped once idle past the keep-hot
+    """No request reaches the engine of a model the reference no longer lists (requests and patch
+    are 404; an admin may still unload it), so its pin goes with the listing: it is stopped once idle past the keep-hot
     time it started with, not billed until a reset or shutdown (sim seeds 468, 545, 605, 646)."""
     clock, provider = FakeClock(), FakeProvider(endpoint=stub_url)
     models = {"org/chat": {}, "pinned": {"priority": 2, "keep_hot_seconds": 30}}
@@ -82,6 +82,23 @@ async def test_a_pinned_model_a_reload_removed_goes_at_its_keep_hot_time(
         ) and "keep_hot_seconds 30" in action.reason
         await settle(app)
         assert not provider.running
+
+
+async def test_an_admin_unloads_the_engine_of_a_model_a_reload_removed(tmp_path: Path, stub_url: str) -> None:
+    provider = FakeProvider(endpoint=stub_url)
+    settings = make_settings(tmp_path, {"org/chat": {}, "gone": {}})
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with running_gateway(settings, provider) as (app, client):
+        body = {**CHAT_BODY, "model": "gone"}
+        assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+        settings.model_reference.write_text(json.dumps({"org/chat": {}}))
+        assert (await client.post("/admin/reload", headers=auth)).json()["removed"] == ["gone"]
+        r = await client.post("/admin/models/gone/unload", headers=auth)
+        assert r.status_code == 200 and r.json() == {"model": "gone", "stopped": True}
+        await settle(app)
+        assert not provider.running
+        r = await client.post("/admin/models/gone/unload", headers=auth)  # nothing left of it
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
 async def test_never_stopped_with_a_request_in_flight(tmp_path: Path, stub_url: str) -> None:
