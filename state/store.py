@@ -26,6 +26,7 @@ from sqlalchemy.types import Float
 from sqlmodel import Session, col, create_engine, select
 
 from state import schema
+from state.fleet_store import DEPLOYMENTS_CHANNEL, FleetStore, notify
 from state.key_store import KeyStore
 from state.machine import TERMINAL, TIMESTAMP_COLUMN, DeploymentState, check_transition
 from state.schema import SchemaStatus
@@ -128,7 +129,7 @@ class IntervalChange:
     relabel: str | None = None
 
 
-class Store(UsageStore, KeyStore):
+class Store(UsageStore, KeyStore, FleetStore):
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
@@ -288,8 +289,11 @@ class Store(UsageStore, KeyStore):
         )
         with Session(self.engine) as s:
             result = s.exec(stmt)
+            moved = bool(result.rowcount == 1)
+            if moved:
+                notify(s, DEPLOYMENTS_CHANNEL)  # the other gateways of a fleet route by it
             s.commit()
-            return bool(result.rowcount == 1)
+            return moved
 
     def update_deployment(self, deployment_id: str, **fields: Any) -> None:
         """Write columns that are not the state (handle, cluster, endpoint, last_used_at)."""

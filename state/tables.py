@@ -250,3 +250,35 @@ class UsageMinute(SQLModel, table=True):
     lat_120s: int = 0
     lat_300s: int = 0
     lat_inf: int = 0
+
+
+class GatewayReport(SQLModel, table=True):
+    """What one gateway process of a fleet reports about one model: its requests in flight (in
+    all and per deployment, as JSON), those waiting for a start, and its last request. Written by
+    every gateway that is not the lease holder; the holder reads the fresh ones: waiting requests
+    for a model with no live deployment are a launch request, in-flight counts and last-used
+    times feed idle teardown, drains and the autoscaler, an engine it could not reach is checked.
+    A row is the gateway's newest report."""
+
+    __tablename__ = "gateway_reports"
+
+    gateway_id: str = Field(primary_key=True, max_length=256)  # its lease holder id
+    model: str = Field(primary_key=True, max_length=256)
+    in_flight: int = 0
+    waiting: int = 0
+    deployments: str = "{}"  # JSON: deployment id -> requests in flight
+    failing: str = "[]"  # JSON: deployments it could not reach since its last report
+    last_used_at: datetime | None = _ts()
+    reported_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))
+
+
+class GatewayPresence(SQLModel, table=True):
+    """A gateway of a fleet that follows (not the lease holder), seen alive: written with each of
+    its reports, every `fleet.report_seconds`, even when it has nothing to report. A holder that
+    stops gracefully hands its engines over (leaves them running for the next holder to adopt)
+    only while another gateway was seen lately."""
+
+    __tablename__ = "gateway_presence"
+
+    gateway_id: str = Field(primary_key=True, max_length=256)  # its lease holder id
+    seen_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))

@@ -132,9 +132,10 @@ class _Engine:
 
 class LocalProvider:
     name = "local"
-    # Engines left by a crashed gateway are stopped, not adopted: their GPU slots would have
-    # to be rebuilt from the store, and a fresh start is cheap locally.
-    adopt_on_restart = False
+    # Engines left by an earlier gateway process (a crash, or the lease holder of a fleet that
+    # died) are adopted when healthy: their GPU slots are taken back from their handle when a
+    # probe finds them alive (`_claim`), so no second engine of the model is started.
+    adopt_on_restart = True
     # No spares: a slot kept with its engine unused blocks launches, and a swap onto it is a stop
     # and a start, which is all a local cold start is.
     keeps_spares = False
@@ -215,15 +216,31 @@ class LocalProvider:
         return Endpoint(base_url=base_url)
 
     async def probe(self, ref: ClusterRef) -> Endpoint | None:
-        if not is_our_group(*_group_of(ref)):
+        if not is_our_group(*_group_of(ref)) or "port" not in ref.data:
             return None
         base_url = f"http://{ENGINE_HOST}:{ref.data['port']}"
-        return Endpoint(base_url=base_url) if await is_healthy(base_url) else None
+        if not await is_healthy(base_url):
+            return None
+        self._claim(ref)
+        return Endpoint(base_url=base_url)
 
     async def probe_loading(self, ref: ClusterRef) -> LoadingState:
-        if not is_our_group(*_group_of(ref)):
+        if not is_our_group(*_group_of(ref)) or "port" not in ref.data:
             return "dead"
-        return "ready" if await self.probe(ref) is not None else "loading"
+        if await self.probe(ref) is not None:
+            return "ready"
+        self._claim(ref)
+        return "loading"
+
+    def _claim(self, ref: ClusterRef) -> None:
+        """An engine of an earlier gateway process found alive: its GPU slots (from its handle)
+        are held from now on, as if this process had started it (until it is stopped)."""
+        if ref.deployment_id not in self._engines:
+            slots = tuple(str(s) for s in ref.data.get("gpu_ids", ()))
+            self._engines[ref.deployment_id] = _Engine(slots=slots, ref=ref)
+            log.info(
+                "engine %s of an earlier gateway process taken back (GPUs [%s])", ref.name, ",".join(slots)
+            )
 
     async def check_failsafe(self, instance_id: str | None = None) -> list[str]:
         return []  # processes have no failsafe timer: a gateway restart stops what it finds

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from gateway import __version__
 from gateway.accounting.attribution import key_costs, rows_of, team_labels
 from gateway.accounting.costs import GroupBy, columns, spans_of, summarize, to_csv
-from gateway.api.deps import CatalogDep, ControllerDep, SettingsDep, StoreDep, require_admin
+from gateway.api.deps import CatalogDep, ControllerDep, SettingsDep, StoreDep, require_acting, require_admin
 from gateway.api.errors import GatewayError, error_doc, model_not_found
 from gateway.api.schemas import (
     ClusterOut,
@@ -44,6 +44,9 @@ from gateway.control.fleet import Failure
 from state import Store
 
 COSTS_DAYS = 7  # the default range of /admin/costs, back from `until`
+
+# Calls that start, stop or change models: on the controller-lease holder only.
+ACTING = [Depends(require_acting)]
 
 router = APIRouter(
     prefix="/admin",
@@ -86,6 +89,7 @@ async def get_model(model_id: str, catalog: CatalogDep, controller: ControllerDe
 
 @router.patch(
     "/models/{model_id:path}",
+    dependencies=ACTING,
     summary="Change priority or keep-hot time",
     description="Override `priority` and/or `keep_hot_seconds` (kept across restarts and reloads); give a "
     "field as null to return to the reference file's value. Applies to a running engine at once.",
@@ -111,6 +115,7 @@ async def update_model(
 
 @router.post(
     "/models/{model_id:path}/load",
+    dependencies=ACTING,
     summary="Load (pre-warm) a model",
     description="Start the model's engine. With `wait=true` the call returns once it is ready (errors in the "
     "OpenAI envelope: 503 no capacity or timeout, 502 engine failed); else at once with 202.",
@@ -155,6 +160,7 @@ def _admin_view(error: BaseException, failure: Failure | None, deployment_id: st
 
 @router.post(
     "/models/{model_id:path}/unload",
+    dependencies=ACTING,
     summary="Unload a model",
     description="Stop the model's engine (requests in flight get `drain_seconds`), or cancel its start.",
 )
@@ -286,13 +292,19 @@ async def failures(controller: ControllerDep) -> list[FailureOut]:
     return failure_rows(list(controller.failures.values()))
 
 
-@router.delete("/failures", summary="Reset all failures", description="Forget every remembered failure.")
+@router.delete(
+    "/failures",
+    summary="Reset all failures",
+    description="Forget every remembered failure.",
+    dependencies=ACTING,
+)
 async def reset_all_failures(controller: ControllerDep) -> ResetOut:
     return ResetOut(reset=controller.reset_failures())
 
 
 @router.delete(
     "/failures/{model_id:path}",
+    dependencies=ACTING,
     summary="Reset one failure",
     description="Forget one model's failure: its next request starts it again.",
 )
@@ -302,6 +314,7 @@ async def reset_failure(model_id: str, controller: ControllerDep) -> ResetOut:
 
 @router.post(
     "/reload",
+    dependencies=ACTING,
     summary="Reload the reference file",
     description="Read and validate the model reference file again; on error (400) the old one stays. "
     "Running engines keep running.",
@@ -318,7 +331,12 @@ async def reload(settings: SettingsDep, catalog: CatalogDep, store: StoreDep) ->
     return ReloadOut(models=len(specs), added=added, removed=removed)
 
 
-@router.post("/reset", summary="Reset", description="Unload every model and forget every failure.")
+@router.post(
+    "/reset",
+    summary="Reset",
+    description="Unload every model and forget every failure.",
+    dependencies=ACTING,
+)
 async def reset(catalog: CatalogDep, controller: ControllerDep) -> ResetAllOut:
     stopped = await controller.stop_all(kind="admin-reset", reason="reset by an admin")
     return ResetAllOut(stopped=stopped, failures_reset=controller.reset_failures())

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gateway.api.errors import GatewayError
+from gateway.api.errors import GatewayError, unavailable
 from gateway.config.reference import Catalog
 from gateway.config.settings import Settings
 from gateway.control.controller import Controller
@@ -35,6 +35,20 @@ def get_controller(request: Request) -> Controller:
 def get_store(request: Request) -> Store:
     store: Store = request.app.state.store
     return store
+
+
+async def require_acting(request: Request) -> None:
+    """Admin calls that act on models only on the controller-lease holder: another gateway of
+    the fleet serves requests but starts and stops nothing itself. Async: the lease is read on
+    the event loop (a sync dependency runs in a thread)."""
+    controller: Controller = request.app.state.controller
+    if not controller.ctx.acting():
+        raise unavailable(
+            "This gateway does not hold the controller lease (another gateway of the fleet does): "
+            "send this call to the lease holder.",
+            code="not_lease_holder",
+            retry_after=5,
+        )
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

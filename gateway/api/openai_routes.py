@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, Request
 from starlette.datastructures import Headers
@@ -19,8 +20,9 @@ from gateway.auth.keyring import KeyRing
 from gateway.auth.keys import ClientKey
 from gateway.config.reference import Catalog, ModelSpec
 from gateway.config.settings import Settings
-from gateway.control.controller import Controller, Waiter
-from gateway.control.fleet import Route
+from gateway.control.controller import Controller
+from gateway.control.fleet import Failure, Route
+from gateway.fleet.follower import Follower
 from gateway.proxy.sse import UsageFilter, ask_for_usage, should_ask_for_usage
 from gateway.proxy.upstream import Call, ProxiedResponse, Proxy
 
@@ -37,17 +39,55 @@ SSE_RAW_HEADERS = [
 ]
 
 
+class ColdWaiter(Protocol):
+    """One request waiting for its model's start (on the lease holder, or on a follower)."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def phase(self) -> str: ...
+
+    async def wait(self) -> Route: ...
+
+
+class Placement(Protocol):
+    """Who starts models for this gateway's requests: its controller (the lease holder) or its
+    follower (which asks the holder)."""
+
+    def failure(self, model: str) -> Failure | None: ...
+
+    def starting(self, model: str) -> bool: ...
+
+    def admit(
+        self, spec: ModelSpec, secrets: Mapping[str, str] | None = None, *, started_by: str | None = None
+    ) -> ColdWaiter: ...
+
+
 class OpenAIGateway:
     """Turns one OpenAI request into a proxied engine call, cold-starting the engine if needed."""
 
     def __init__(
-        self, *, settings: Settings, catalog: Catalog, controller: Controller, proxy: Proxy, keys: KeyRing
+        self,
+        *,
+        settings: Settings,
+        catalog: Catalog,
+        controller: Controller,
+        proxy: Proxy,
+        keys: KeyRing,
+        follower: Follower | None = None,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
         self.controller = controller
         self.proxy = proxy
         self.keys = keys
+        self.follower = follower  # routes while this process does not hold the lease
+
+    @property
+    def placement(self) -> Placement:
+        follower = self.follower
+        return follower if follower is not None and follower.active else self.controller
 
     async def respond(self, path: str, headers: Headers, receive: Receive) -> Response:
         """The response to one OpenAI request (the body is read from `receive`): relayed from a
@@ -89,7 +129,8 @@ class OpenAIGateway:
         usage: UsageFilter | None,
         started: float,
     ) -> Response:
-        failure = self.controller.failure(spec.id)
+        placement = self.placement
+        failure = placement.failure(spec.id)
         if failure is not None:
             raise GatewayError(
                 400,
@@ -100,7 +141,7 @@ class OpenAIGateway:
             )
         token = headers.get(HF_TOKEN_HEADER)
         secrets = {"HF_TOKEN": token} if token else None
-        if key is not None and not key.may_wake and not self.controller.starting(spec.id):
+        if key is not None and not key.may_wake and not placement.starting(spec.id):
             raise unavailable(
                 f"The model `{spec.id}` is not running, and the API key {key.id} may not start models; "
                 "retry once an admin has loaded it.",
@@ -109,7 +150,7 @@ class OpenAIGateway:
             )
         key_id = key.id if key is not None else None
         # may raise 503 before anything is sent; a start it causes is the key's
-        waiter = self.controller.admit(spec, secrets, started_by=key_id)
+        waiter = placement.admit(spec, secrets, started_by=key_id)
         cold = ColdStart(self, waiter, path, body, dict(headers), usage, started, key_id)
         if usage is not None:  # a stream
             return ColdStreamResponse(cold)
@@ -123,6 +164,9 @@ class OpenAIGateway:
     def route_of(self, spec: ModelSpec) -> Route | None:
         if spec.endpoint is not None:
             return Route(model=spec.id, base_url=spec.endpoint)
+        follower = self.follower
+        if follower is not None and follower.active:
+            return follower.route(spec.id)
         return self.controller.route(spec.id)
 
 
@@ -131,7 +175,7 @@ class ColdStart:
     """A request admitted to wait for its model's start."""
 
     gateway: OpenAIGateway
-    waiter: Waiter
+    waiter: ColdWaiter
     path: str
     body: bytes
     headers: dict[str, str]
@@ -198,7 +242,7 @@ class ColdStreamResponse(Response):
         task = asyncio.ensure_future(cold.wait_unless_gone(receive))
         try:
             while True:
-                comment = f": loading {cold.waiter.runner.model} phase={cold.waiter.phase} elapsed={time.monotonic() - t0:.0f}\n\n"
+                comment = f": loading {cold.waiter.model} phase={cold.waiter.phase} elapsed={time.monotonic() - t0:.0f}\n\n"
                 await send({"type": "http.response.body", "body": comment.encode(), "more_body": True})
                 done, _ = await asyncio.wait({task}, timeout=period)
                 if done:

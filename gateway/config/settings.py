@@ -193,6 +193,26 @@ class UsageSettings(BaseModel):
     flush_seconds: float = Field(2.0, gt=0, description="How often usage is written to the database.")
 
 
+class FleetSettings(BaseModel):
+    """Several gateways on one database: every one serves, the lease holder acts."""
+
+    poll_seconds: float = Field(
+        0.5,
+        gt=0,
+        description="How often a gateway that is not the lease holder reads the ready deployments (and "
+        "the holder the others' reports); on PostgreSQL LISTEN/NOTIFY wakes them at once as well.",
+    )
+    report_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="How often such a gateway reports its requests in flight and waiting (at once when a "
+        "model gets its first waiting request). Reports older than three intervals are ignored.",
+    )
+    takeover_poll_seconds: float = Field(
+        1.0, gt=0, description="How often it tries to take the controller lease over."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLMGW_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -304,6 +324,7 @@ class Settings(BaseSettings):
     export: ExportSettings = Field(default_factory=ExportSettings)
     usage: UsageSettings = Field(default_factory=UsageSettings)
     skypilot: SkyPilotSettings = Field(default_factory=SkyPilotSettings)
+    fleet: FleetSettings = Field(default_factory=FleetSettings)
 
     @field_validator("log_level")
     @classmethod

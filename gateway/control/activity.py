@@ -2,7 +2,8 @@
 last-used times.
 
 Updated on every request without touching the database; the reaper flushes the last-used
-times to the store in batches. A request is counted with `track()`: one `begin` and one `end`
+times to the store in batches. In a fleet, the lease holder adds what the other gateways report
+(`set_remote`): their requests in flight count here like its own. A request is counted with `track()`: one `begin` and one `end`
 in one `try/finally`, so no exit path (error, cancellation, client gone) can leave it counted.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 
@@ -28,6 +29,11 @@ class Activity:
         # Per deployment (replica): requests sent to it, and the last begin or end of one.
         self._served: defaultdict[str, int] = defaultdict(int)
         self._last_request_of: dict[str, datetime] = {}
+        # The other gateways' requests (their reports): in flight by model and by deployment,
+        # and waiting for a start by model.
+        self._remote: dict[str, int] = {}
+        self._remote_of: dict[str, int] = {}
+        self._remote_waiting: dict[str, int] = {}
 
     @contextmanager
     def track(self, model: str, deployment_id: str | None, clock: Clock) -> Iterator[None]:
@@ -56,7 +62,7 @@ class Activity:
             self._by_deployment[deployment_id] -= 1
             if self._by_deployment[deployment_id] == 0:
                 del self._by_deployment[deployment_id]
-                if deployment_id in self._idle:
+                if deployment_id in self._idle and self.in_flight_of(deployment_id) == 0:
                     self._idle.pop(deployment_id).set()
         self._last_used[model] = self._last_request[model] = now
         self._dirty.add(model)
@@ -77,10 +83,41 @@ class Activity:
         self._dirty.add(model)
 
     def in_flight(self, model: str) -> int:
-        return self._in_flight.get(model, 0)
+        return self._in_flight.get(model, 0) + self._remote.get(model, 0)
 
     def in_flight_of(self, deployment_id: str) -> int:
-        return self._by_deployment.get(deployment_id, 0)
+        return self._by_deployment.get(deployment_id, 0) + self._remote_of.get(deployment_id, 0)
+
+    def local_in_flight(self) -> tuple[dict[str, int], dict[str, int]]:
+        """This process's own requests in flight, by model and by deployment (copies, for a report)."""
+        return dict(self._in_flight), dict(self._by_deployment)
+
+    def remote_waiting(self, model: str) -> int:
+        return self._remote_waiting.get(model, 0)
+
+    def set_remote(
+        self,
+        in_flight: Mapping[str, int],
+        by_deployment: Mapping[str, int],
+        waiting: Mapping[str, int],
+        last_used: Mapping[str, datetime],
+        used_of: Mapping[str, datetime] | None = None,
+    ) -> None:
+        """What the other gateways of a fleet reported (the newest reports replace the counts;
+        last-used times, of models and of deployments, only move forward)."""
+        self._remote, self._remote_of = dict(in_flight), dict(by_deployment)
+        self._remote_waiting = dict(waiting)
+        for model, at in last_used.items():
+            if (known := self._last_request.get(model)) is None or at > known:
+                self._last_request[model] = at
+            if (known := self._last_used.get(model)) is None or at > known:
+                self._last_used[model] = at
+                self._dirty.add(model)
+        for deployment_id, at in (used_of or {}).items():
+            if (known := self._last_request_of.get(deployment_id)) is None or at > known:
+                self._last_request_of[deployment_id] = at
+        for deployment_id in [d for d in self._idle if self.in_flight_of(d) == 0]:
+            self._idle.pop(deployment_id).set()
 
     def last_request(self, model: str) -> datetime | None:
         return self._last_request.get(model)

@@ -31,6 +31,7 @@ from gateway.control.scaling import Autoscaler, ModelLoad, ReplicaLoad, ScaleAct
 from gateway.control.slices import in_slices
 from gateway.control.takeover import Takeover
 from state import Deployment, DeploymentState, Store
+from state.fleet_store import FAILURE_RESET
 from tasks.provider import CapacityError, ClusterRef, Endpoint, LaunchSpec, Provider
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ class Waiter:
         self.controller = controller
         self.runner = runner
         self._left = False
+
+    @property
+    def model(self) -> str:
+        return self.runner.model
 
     @property
     def phase(self) -> str:
@@ -229,9 +234,20 @@ class Controller:
         return failure
 
     def reset_failures(self, model: str | None = None) -> list[str]:
+        """Forget the failure of `model` (None: of every model), here and, through the store's
+        event `failure-reset`, on the other gateways of the fleet (they read failures from the
+        store); the models whose failure this process remembered."""
         cleared = list(self.failures) if model is None else [model] if model in self.failures else []
         for m in cleared:
             del self.failures[m]
+        what = f"failure of {model}" if model is not None else "every failure"
+        self.ctx.writer.submit(
+            self.ctx.store.record_event,
+            kind=FAILURE_RESET,
+            model=model,
+            message=f"{what} reset by an admin",
+            at=self.ctx.clock(),
+        )
         return cleared
 
     def expire_failures(self, now: datetime) -> None:
@@ -263,13 +279,13 @@ class Controller:
         self._waiting[model] = self._waiting.get(model, 0) + 1
         return Waiter(self, runner)
 
-    def load(self, spec: ModelSpec) -> DeploymentRunner:
-        """Start `spec` unless it is ready or starting (an admin's load, a pre-warm): no request
-        waits, so nothing joins the queue."""
+    def load(self, spec: ModelSpec, started_by: str | None = ADMIN) -> DeploymentRunner:
+        """Start `spec` unless it is ready or starting (an admin's load, a pre-warm, another
+        gateway's requests): no request waits here, so nothing joins the queue."""
         runner = next((r for r in self.runners(spec.id) if r.serving or r.starting), None)
         if runner is None:
             self._refuse_when_closing(spec.id)
-        return runner or self._start(spec, {}, ADMIN)
+        return runner or self._start(spec, {}, started_by)
 
     def starting(self, model: str) -> bool:
         """A start of `model` is under way (a request may join it without starting anything)."""
@@ -301,7 +317,14 @@ class Controller:
         self, spec: ModelSpec, secrets: dict[str, str], started_by: str | None, scale_up: str | None = None
     ) -> DeploymentRunner:
         """A new deployment of `spec`: its first replica (a cold start), or with `scale_up` (the
-        reason) one more next to those serving."""
+        reason) one more next to those serving. Only while this process acts (holds the lease):
+        a follower, or a holder whose lease lapsed, writes no row and launches nothing."""
+        if not self.ctx.acting():
+            raise unavailable(
+                f"This gateway does not hold the controller lease; {spec.id} cannot be started here now.",
+                code="not_lease_holder",
+                retry_after=RETRY_AFTER_QUEUE_FULL,
+            )
         dep_id = self.ctx.new_id()  # its runner writes the row first thing
         log.info("deployment %s of %s: created (pending)", dep_id, spec.id)
         runner = DeploymentRunner(
@@ -358,9 +381,10 @@ class Controller:
         actions = self._autoscaler.decide(await self._loads(), now)
         for action in actions:
             spec = self.ctx.catalog.resolve(action.model)
-            if action.direction == "up" and spec is not None and not spec.external and not self.closing:
-                log.info("%s: scale up (%s)", action.model, action.reason)
-                self._start(spec, {}, None, scale_up=action.reason)  # a load, no one key
+            if action.direction == "up":
+                if spec is not None and not spec.external and not self.closing and self.ctx.acting():
+                    log.info("%s: scale up (%s)", action.model, action.reason)
+                    self._start(spec, {}, None, scale_up=action.reason)  # a load, no one key
             elif action.direction == "down":
                 self._scale_down(action)
         return actions
@@ -385,7 +409,10 @@ class Controller:
             model=model,
             ready=ready,
             starting=sum(r.starting for r in runners),
-            load=self.ctx.activity.in_flight(model) + self.waiting(model),
+            # in flight here and on the other gateways of a fleet, waiting here and there
+            load=self.ctx.activity.in_flight(model)
+            + self.waiting(model)
+            + self.ctx.activity.remote_waiting(model),
             min_replicas=spec.replicas.min,
             max_replicas=spec.replicas.max,
             target=spec.target_in_flight_per_replica,
@@ -484,6 +511,18 @@ class Controller:
         if runners:
             await asyncio.wait({r.task for r in runners})
         await orphans.sweep(self, at_shutdown=True)
+
+    async def hand_over(self) -> list[str]:
+        """A graceful stop while other gateways of the fleet serve: every runner lets go of its
+        deployment at once without touching the engine, the store or the ledger (as on a lost
+        lease), for the next lease holder's reconcile to adopt; the deployment ids left so."""
+        self.closing = True
+        runners = list(self._runners.values())
+        for runner in runners:
+            runner.abandon()
+        if runners:
+            await asyncio.wait({r.task for r in runners})
+        return [r.id for r in runners]
 
     def held_clusters(self) -> set[str]:
         """The names of the clusters the runners hold."""

@@ -1,7 +1,7 @@
 """One controller per database: a lease row in the store, renewed while the gateway runs.
 
-A second gateway started on the same database stands by (its HTTP server does not start)
-until the lease is released or expires, then takes over and reconciles. On the same host, a
+A second gateway started on the same database serves requests as a follower (gateway/fleet)
+and takes the control loop over when the lease is released or expires, then reconciles. On the same host, a
 holder whose process is gone is taken over at once, so a restart after a crash does not wait
 for the expiry. The lease is a plain conditional UPDATE, so it works on any SQL database.
 """
@@ -87,19 +87,24 @@ class ControllerLease:
             until = now + timedelta(seconds=self.seconds)
             return self.store.acquire_lease(self.holder, now=now, until=until, steal_from=steal)
 
-    async def acquire(self) -> None:
-        """Wait until this process holds the lease (database errors are retried)."""
+    async def acquire(self, poll_seconds: float | None = None) -> None:
+        """Wait until this process holds the lease (database errors are retried), trying every
+        `poll_seconds` (default: a third of the lease)."""
         announced = False
         while not await self._try():
             if not announced:
                 current = await asyncio.to_thread(self.store.lease)
                 log.warning(
-                    "another gateway (%s) runs the control loop on this database; standing by",
+                    "another gateway (%s) runs the control loop on this database; following it",
                     current.holder if current else "?",
                 )
                 announced = True
-            await asyncio.sleep(self.seconds / 3)
+            await asyncio.sleep(poll_seconds or self.seconds / 3)
         log.info("controller lease acquired (%s)", self.holder)
+
+    async def try_once(self) -> bool:
+        """One attempt: True if this process holds the lease now."""
+        return await self._try()
 
     async def _try(self, *, renew: bool = False) -> bool:
         sent = asyncio.get_running_loop().time()
@@ -132,6 +137,14 @@ class ControllerLease:
         except Exception:
             return False
         return current is not None and current.holder != self.holder
+
+    def hand_off(self) -> None:
+        """Give the lease up for another gateway to take (a blocking write: run it in a thread);
+        this process may take it back later (`try_once`). It does not act from here on."""
+        self._valid_until = None
+        with self._write:
+            if not self.lost and not self._released:
+                self.store.release_lease(self.holder)
 
     def release(self) -> None:
         """Give the lease up for good (waits for a renewal still in flight in its thread)."""

@@ -15,6 +15,7 @@ from typing import Any
 
 from gateway.accounting.export import export_days, finished_days, s3_client
 from gateway.accounting.usage import UsageRecorder
+from gateway.api.errors import GatewayError
 from gateway.config.settings import Settings
 from gateway.control import orphans
 from gateway.control.controller import Controller
@@ -110,7 +111,11 @@ class Reaper:
         self.controller.store.record_event(
             kind="prewarm", model=model, message="scheduled pre-warm", at=self.controller.clock()
         )
-        runner = self.controller.load(spec)
+        try:
+            runner = self.controller.load(spec)
+        except GatewayError as exc:  # stopping, or the lease lapsed since the tick
+            log.warning("pre-warm of %s not started: %s", model, exc.message)
+            return
         await asyncio.wait({runner.ready})
         if (error := runner.ready.exception()) is not None:
             log.warning("pre-warm of %s failed: %s", model, getattr(error, "message", error))

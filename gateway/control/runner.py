@@ -527,7 +527,7 @@ class DeploymentRunner:
             if not self._created:
                 log.warning("deployment %s of %s: never written (%s)", self.id, self.model, exit_)
             elif self.fenced:
-                log.warning("deployment %s of %s: abandoned (lease lost)", self.id, self.model)
+                log.warning("deployment %s of %s: left to the next lease holder", self.id, self.model)
             elif self.handed_over_to is not None:
                 await self._record(S.STOPPING)
                 await self._record(S.STOPPED)

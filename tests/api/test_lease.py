@@ -1,4 +1,4 @@
-"""One control loop per database: a second gateway stands by until the first is gone."""
+"""One control loop per database: a second gateway follows until the first is gone."""
 
 from __future__ import annotations
 
@@ -80,24 +80,27 @@ def test_dead_holders_on_this_host_are_recognised() -> None:
     assert not holder_is_dead("other-host:1:1:ab")  # another host: only expiry tells
 
 
-async def test_second_gateway_stands_by_until_the_first_is_gone(
+async def test_second_gateway_follows_until_the_first_is_gone(
     tmp_path: Path, stub_url: str, db_url: str
 ) -> None:
     settings = make_settings(tmp_path, controller_lease_seconds=0.6, database_url=db_url)
     async with running_gateway(settings, FakeProvider(endpoint=stub_url)) as (first, _):
         second = create_app(settings, provider=FakeProvider(endpoint=stub_url))
-        started = asyncio.Event()
+        started, leave = asyncio.Event(), asyncio.Event()
 
         async def run_second() -> None:
             async with second.router.lifespan_context(second):
                 started.set()
-                await asyncio.sleep(0.1)
+                await leave.wait()
 
         task = asyncio.create_task(run_second())
+        await asyncio.wait_for(started.wait(), 5)  # it serves at once (gateway/fleet) ...
         await asyncio.sleep(1.0)
-        assert not started.is_set()  # standing by: no reconcile, no control loop, no HTTP
+        assert not second.state.runtime.acted  # ... but no reconcile, no control loop
         holder = first.state.store.lease().holder
-    await asyncio.wait_for(started.wait(), 5)  # the first released the lease on shutdown
+    await asyncio.sleep(1.5)  # the first released the lease on shutdown
+    assert second.state.runtime.acted and second.state.runtime.lease.held
+    leave.set()
     await task
     assert Store(settings.resolved_database_url).lease() is None
     assert holder

@@ -124,6 +124,8 @@ class Checker:
         gw = self.sim.by_holder.get(lease[0])
         if gw is None or gw.state != "serving" or gw.name in self.sim.loop.frozen:
             return None
+        if gw.started_at is None:  # a follower that took the lease and is reconciling
+            return None
         return gw
 
     # -- checks -----------------------------------------------------------------------------

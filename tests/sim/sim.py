@@ -270,8 +270,13 @@ class Sim:
         try:
             async with gw.app.router.lifespan_context(gw.app):
                 phase = "running"
-                gw.state, gw.started_at = "serving", self.now()
-                self.log(f"{gw.name} serving")
+                gw.state = "serving"
+                self.log(f"{gw.name} serving{' as a follower' if _follows(gw) else ''}")
+                while _follows(gw) and not gw.stop.is_set():  # until it holds the lease, reconciled
+                    await asyncio.sleep(0.05)
+                if not gw.stop.is_set():
+                    gw.started_at = self.now()  # it acts from here (the invariants' grace)
+                    self.log(f"{gw.name} acting")
                 await gw.stop.wait()
                 gw.state, phase = "stopping", "shutdown"
                 self.log(f"{gw.name} shutting down")
@@ -316,7 +321,11 @@ class Sim:
     def front(self, u: float) -> Gateway | None:
         """The gateway a client reaches: the newest serving one, sometimes an older one that
         still serves (a load balancer does not know which one holds the lease)."""
-        serving = [g for g in self.gateways if g.state == "serving" and g.name not in self.loop.frozen]
+        serving = [
+            g
+            for g in self.gateways
+            if g.state == "serving" and g.name not in self.loop.frozen and not _follows(g)
+        ]
         if not serving:
             return None
         return serving[-1] if u < 0.75 or len(serving) == 1 else serving[int(u * 4) % (len(serving) - 1)]
@@ -390,3 +399,10 @@ class Sim:
         self.view.close()
         with contextlib.suppress(Exception):
             self.loop.close()
+
+
+def _follows(gw: Gateway) -> bool:
+    """A gateway that serves as a follower (another one held the lease when it started, and it
+    has not acted since). The sim drives requests through the controller, which only a gateway
+    that acts runs: followers get no traffic here (their routing is tested in tests/api/test_fleet.py)."""
+    return bool(gw.app.state.runtime.follower.active)
