@@ -7,6 +7,7 @@ server is the stub upstream (ready 2 s after it starts), so the tests take secon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 import threading
@@ -68,6 +69,34 @@ async def herd(urls: list[str], n: int) -> list[int]:
     return [r.status_code if isinstance(r, httpx.Response) else -1 for r in replies]
 
 
+@contextlib.contextmanager
+def load_through(gateways: list[GatewayProcess], per_gateway: int = 4) -> Iterator[list[int]]:
+    """Closed loops of chat requests through `gateways` while the block runs: the statuses
+    (-1: no answer)."""
+    results: list[int] = []
+    stop = threading.Event()
+
+    def load(url: str) -> None:
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                try:
+                    results.append(c.post(f"{url}/v1/chat/completions", json=BODY).status_code)
+                except httpx.HTTPError:
+                    results.append(-1)
+
+    threads = [
+        threading.Thread(target=load, args=(gw.base_url,)) for gw in gateways for _ in range(per_gateway)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+
+
 def test_a_herd_over_three_gateways_makes_one_launch(fleet: list[GatewayProcess]) -> None:
     t0 = time.monotonic()
     statuses = asyncio.run(herd([gw.base_url for gw in fleet], 300))
@@ -87,21 +116,7 @@ def test_kill_9_of_the_holder_under_load(fleet: list[GatewayProcess]) -> None:
     store = holder.store()
     [dep] = store.deployments(model=MODEL)
     first_holder = store.lease().holder
-    results: list[int] = []
-    stop = threading.Event()
-
-    def load(url: str) -> None:
-        with httpx.Client(timeout=60) as c:
-            while not stop.is_set():
-                try:
-                    results.append(c.post(f"{url}/v1/chat/completions", json=BODY).status_code)
-                except httpx.HTTPError:
-                    results.append(-1)
-
-    threads = [threading.Thread(target=load, args=(gw.base_url,)) for gw in followers for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
+    with load_through(followers) as results:
         time.sleep(2)
         before = len(results)
         holder.process.send_signal(signal.SIGKILL)  # by pid: its engine lives on
@@ -112,10 +127,6 @@ def test_kill_9_of_the_holder_under_load(fleet: list[GatewayProcess]) -> None:
         new = next(gw for gw in followers if str(gw.process.pid) in store.lease().holder.split(":")[1])
         assert wait_until(lambda: "gateway ready" in new.log.read_text(), timeout=30)
         time.sleep(3)  # load goes on through the new holder and the other follower
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
     assert took_over < LEASE_SECONDS
     assert len(results) > before + 20
     assert set(results) == {200}  # every request through the other gateways was answered
@@ -137,21 +148,7 @@ def test_sigterm_of_the_holder_hands_its_engine_over(fleet: list[GatewayProcess]
     [dep] = store.deployments(model=MODEL)
     first_holder = store.lease().holder
     groups = holder.live_engine_groups()
-    results: list[int] = []
-    stop = threading.Event()
-
-    def load(url: str) -> None:
-        with httpx.Client(timeout=60) as c:
-            while not stop.is_set():
-                try:
-                    results.append(c.post(f"{url}/v1/chat/completions", json=BODY).status_code)
-                except httpx.HTTPError:
-                    results.append(-1)
-
-    threads = [threading.Thread(target=load, args=(gw.base_url,)) for gw in followers for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
+    with load_through(followers) as results:
         time.sleep(2)
         before = len(results)
         stopping = time.monotonic()
@@ -163,10 +160,6 @@ def test_sigterm_of_the_holder_hands_its_engine_over(fleet: list[GatewayProcess]
         new = next(gw for gw in followers if str(gw.process.pid) in lease.holder.split(":")[1])
         assert wait_until(lambda: "gateway ready" in new.log.read_text(), timeout=30)
         time.sleep(3)  # load goes on through the new holder and the other follower
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
     assert len(results) > before + 20
     assert set(results) == {200}
     assert launches(holder) == 1  # adopted, not launched again
