@@ -259,6 +259,12 @@ REGRESSION_SEEDS: dict[tuple[int, int, str], tuple[str, str]] = {
         "ledger-sum",
         "heartbeats unanswered (API down) while probes found the engine up: billed 121 s short of the failsafe",
     ),
+    # Seeds of the 40-step run on 24ec31c (every gateway serves).
+    (1642, 19, "mix"): (
+        "after-hours",
+        "sim: an orphan (its row closed by a reconcile while the list failed) is the orphan sweep's, "
+        "within the world-owned bound, not after-hours'",
+    ),
 }
 
 
