@@ -73,7 +73,8 @@ class Activity:
             return True
         event = self._idle.setdefault(deployment_id, asyncio.Event())
         try:
-            await asyncio.wait_for(event.wait(), grace_seconds)
+            async with asyncio.timeout(grace_seconds):  # not wait_for: see fleet.follower.wait_or_timeout
+                await event.wait()
         except TimeoutError:
             return False
         return True

@@ -346,6 +346,9 @@ def start_error(ended: EndedStart) -> GatewayError:
 
 
 async def wait_or_timeout(event: asyncio.Event, seconds: float) -> None:
-    """Until `event` is set, or `seconds` passed."""
+    """Until `event` is set, or `seconds` passed. Not `asyncio.wait_for`: on Python 3.11 it
+    swallows a cancellation that comes as its inner wait ends, and the loops that call this ran on
+    after their gateway cancelled them: its shutdown waited for them forever (a hang seen in CI)."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            await event.wait()
