@@ -13,12 +13,12 @@ async def test_a_cancellation_as_the_event_is_set_ends_the_loop() -> None:
     for turns in range(4):  # where the cancellation lands around the wake-up
         event = asyncio.Event()
 
-        async def loop() -> None:
+        async def loop(event: asyncio.Event) -> None:
             while True:
                 await wait_or_timeout(event, 10)
                 event.clear()
 
-        task = asyncio.create_task(loop())
+        task = asyncio.create_task(loop(event))
         await asyncio.sleep(0)  # waiting
         event.set()
         for _ in range(turns):
